@@ -1,0 +1,30 @@
+# One command sets everything up and runs the main job; one sets everything up and tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install --quiet "torch>=2.4,<2.15" torchvision
+	$(PY) -m pip install --quiet -e ".[test,demo]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fxmerge.demo
+
+test: $(STAMP)
+	$(PY) -m ruff check fxmerge tests benchmarks
+	$(PY) -m pytest -n 2 -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "slow or not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check fxmerge tests benchmarks
+
+clean:
+	rm -rf $(VENV) .fxmerge-cache build *.egg-info

@@ -1,0 +1,1 @@
+"""fxmerge: make any CNN shallower with exact, latency-aware conv merging (LayerMerge on torch.fx)."""

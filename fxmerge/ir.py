@@ -1,0 +1,301 @@
+"""The values that travel between fxmerge's stages.
+
+Every stage of the pipeline (capture → match → span graph → tables → solve →
+linearize → merge) is a pure function from one of these values to the next. They
+are small frozen dataclasses so that a stage can never reach back and mutate what
+an earlier stage produced, and so that they serialise to JSON without pickling.
+
+Vocabulary (see docs/ARCHITECTURE.md):
+
+unit      one conv call site, the per-channel affine ops folded into it, and at
+          most one activation.
+join      an ``add`` or ``cat`` of several tensors, with the affines and the one
+          activation that follow it.
+position  a tensor where a nonlinearity may be kept: a unit's or join's output, or
+          a *source* (a model input or the output of an op fxmerge does not merge).
+span      the units and joins between two positions; with every activation strictly
+          inside removed it is one affine, translation-equivariant map (one conv).
+option    which reducible convs of a span are pruned (replaced by the identity).
+entry     one (span, option); the row of the latency and importance tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A convolution, complete enough to build and time it without the model.
+
+    ``padding`` is symmetric per spatial dim (what ``nn.Conv2d`` accepts).
+    ``activation`` names the activation that follows the conv (a key of the
+    activation registry in ``fxmerge.passes.match``) or ``None``.
+    ``input_shape`` is the real (N, C, *spatial) shape the conv runs at.
+    """
+
+    dims: int
+    in_channels: int
+    out_channels: int
+    kernel_size: Shape
+    stride: Shape
+    padding: Shape
+    dilation: Shape
+    groups: int
+    bias: bool
+    activation: str | None
+    input_shape: Shape
+    dtype: str = "float32"
+
+    def signature(self) -> str:
+        """A stable string key: identical convs share one latency measurement."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def output_shape(self) -> Shape:
+        spatial = tuple(
+            (size + 2 * pad - dil * (k - 1) - 1) // s + 1
+            for size, pad, dil, k, s in zip(
+                self.input_shape[2:], self.padding, self.dilation, self.kernel_size, self.stride
+            )
+        )
+        return (self.input_shape[0], self.out_channels, *spatial)
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups == self.in_channels and self.groups > 1
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConvSpec:
+        tuples = {"kernel_size", "stride", "padding", "dilation", "input_shape"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One conv call site with what folds into it.
+
+    ``id`` is stable across re-tracing the same model (it is built from the conv's
+    module path, and the call index when a module is called at several sites).
+    ``reducible``: maps C→C channels with stride 1, so it may be pruned to identity.
+    ``ineligible`` says why the unit cannot be merged with others (or ``None``).
+    """
+
+    id: str
+    conv_node: str
+    affine_nodes: tuple[str, ...]
+    activation_node: str | None
+    activation: str | None
+    conv: ConvSpec
+    input_position: str
+    output_position: str
+    reducible: bool
+    ineligible: str | None = None
+
+
+@dataclass(frozen=True)
+class Join:
+    """An ``add`` (residual) or ``cat`` (parallel branches) with what follows it."""
+
+    id: str
+    kind: Literal["add", "cat"]
+    node: str
+    affine_nodes: tuple[str, ...]
+    activation_node: str | None
+    activation: str | None
+    operands: tuple[str, ...]  # position ids, in argument order
+    output_position: str
+    ineligible: str | None = None
+
+
+@dataclass(frozen=True)
+class Position:
+    """A tensor where a nonlinearity may stay.
+
+    ``kind`` is ``"unit"`` or ``"join"`` (the output of that unit or join, after its
+    activation) or ``"source"`` (a model input or a boundary op's output: spans may
+    start there but nothing produces it inside a span). ``node`` is the FX node whose
+    output is this tensor. ``pinned`` says why the tensor must be materialised (used
+    by an op outside every span, or a model output), or ``None``.
+    """
+
+    id: str
+    index: int
+    kind: Literal["unit", "join", "source"]
+    node: str
+    activation: str | None
+    shape: Shape
+    pinned: str | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """Which reducible convs of a span are pruned, and the conv the span becomes."""
+
+    id: str
+    pruned: tuple[str, ...]  # unit ids replaced by the identity
+    conv: ConvSpec  # the merged conv, with the span's closing activation
+
+
+@dataclass(frozen=True)
+class Span:
+    """The units and joins between positions ``start`` and ``end``."""
+
+    id: str
+    start: str
+    end: str
+    units: tuple[str, ...]
+    joins: tuple[str, ...]  # joins absorbed into the merged kernel
+    dropped_activations: tuple[str, ...]  # position ids whose activation is removed
+    options: tuple[Option, ...]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One (span, option): a row of the latency and importance tables."""
+
+    id: str
+    span: str
+    start: str
+    end: str
+    option: Option
+
+    @property
+    def conv(self) -> ConvSpec:
+        return self.option.conv
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """A multi-branch region between the position before it and the one after it.
+
+    Each branch is a :class:`Chain` whose first position is the region's source; an
+    identity branch (a plain skip) has a single position. ``join`` is the join whose
+    output is the position after the region. ``mergeable`` says whether a span may
+    cover the whole region (every branch linear and the join an add or a cat).
+    """
+
+    join: str
+    branches: tuple[Chain, ...]
+    mergeable: bool
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A region kept exactly as it is (not series-parallel, or not mergeable).
+
+    The units inside keep their single-unit spans; their cost is fixed.
+    """
+
+    reason: str
+    units: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """What lies between two consecutive positions of a chain.
+
+    ``kind == "unit"``: a single unit edge (``unit`` set); spans may cross it.
+    ``kind == "parallel"``: a multi-branch region (``region`` set).
+    ``kind == "fixed"``: a region no span may cross (``region`` set).
+    """
+
+    kind: Literal["unit", "parallel", "fixed"]
+    unit: str | None = None
+    region: Parallel | Fixed | None = None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A series of positions; ``steps[k]`` connects ``positions[k]`` to ``positions[k+1]``.
+
+    Spans of this chain start and end at positions of this chain. A branch chain
+    starts at its region's source, which also belongs to the enclosing chain.
+    """
+
+    positions: tuple[str, ...]
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A node (or span) fxmerge does not merge, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SpanGraph:
+    """Everything the tables and the solver need, without touching the model again.
+
+    ``chains`` are the top-level chains (one per connected piece of the network
+    between sources and outputs). ``rules`` is ``"general"`` or ``"paper"``.
+    """
+
+    model: str
+    rules: str
+    input_shapes: tuple[Shape, ...]
+    units: tuple[Unit, ...]
+    joins: tuple[Join, ...]
+    positions: tuple[Position, ...]
+    spans: tuple[Span, ...]
+    chains: tuple[Chain, ...]
+    rejections: tuple[Rejection, ...]
+    settings: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        return tuple(
+            Entry(id=f"{span.id}|{option.id}", span=span.id, start=span.start, end=span.end, option=option)
+            for span in self.spans
+            for option in span.options
+        )
+
+    def unit(self, unit_id: str) -> Unit:
+        return self._index("units")[unit_id]
+
+    def join(self, join_id: str) -> Join:
+        return self._index("joins")[join_id]
+
+    def position(self, position_id: str) -> Position:
+        return self._index("positions")[position_id]
+
+    def span(self, span_id: str) -> Span:
+        return self._index("spans")[span_id]
+
+    def entry(self, entry_id: str) -> Entry:
+        return {e.id: e for e in self.entries}[entry_id]
+
+    def _index(self, name: str) -> dict:
+        cache = self.__dict__.setdefault("_indices", {})
+        if name not in cache:
+            cache[name] = {item.id: item for item in getattr(self, name)}
+        return cache[name]
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the structure (units, positions, spans); plans are checked against it."""
+        payload = json.dumps(
+            {
+                "units": [(u.id, u.conv.signature()) for u in self.units],
+                "positions": [(p.id, p.shape) for p in self.positions],
+                "spans": [s.id for s in self.spans],
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def single_unit_span(self, unit_id: str) -> Span:
+        """The span that holds only ``unit_id`` (it exists for every unit)."""
+        unit = self.unit(unit_id)
+        return self.span(span_id(unit.input_position, unit.output_position))
+
+
+def span_id(start: str, end: str) -> str:
+    return f"{start}->{end}"
