@@ -1,0 +1,189 @@
+"""The timing loop every backend shares, and a description of the host.
+
+A latency measurement is: prepare the module once (export, build a session,
+compile), run it a few times to warm caches and finish lazy compilation, then time
+many single runs and keep the median and the interquartile range. The number of
+timed runs adapts to the module: a tiny conv gets every run it asks for in a few
+milliseconds, while a large model stops after ``min_runs`` once ``max_time_s`` is
+spent, so one measurement never takes minutes.
+
+On CPU each run is timed with :func:`time.perf_counter`; on CUDA with a pair of
+CUDA events around the run and a synchronize after it (each run is timed alone,
+as at batch-1 deployment, not pipelined behind the previous one).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The summary of one timed module: milliseconds per run."""
+
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    warmup: int
+    batch_size: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Measurement:
+        return cls(
+            median_ms=float(data["median_ms"]),
+            iqr_ms=float(data["iqr_ms"]),
+            runs=int(data["runs"]),
+            warmup=int(data["warmup"]),
+            batch_size=int(data["batch_size"]),
+            threads=int(data["threads"]),
+        )
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How many runs a measurement makes.
+
+    ``warmup`` untimed runs (stopping early, after at least one, once
+    ``max_warmup_s`` is spent), then timed runs until ``runs`` are done, or until at
+    least ``min_runs`` are done and ``max_time_s`` is spent.
+    """
+
+    warmup: int = 10
+    runs: int = 50
+    min_runs: int = 5
+    max_time_s: float = 1.0
+    max_warmup_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.min_runs < 1 or self.warmup < 0:
+            raise ValueError(f"invalid timing policy {self}: need runs >= 1, min_runs >= 1, warmup >= 0")
+
+
+def time_runs(
+    step: Callable[[], object],
+    policy: TimingPolicy,
+    *,
+    batch_size: int,
+    threads: int,
+    cuda: bool = False,
+) -> Measurement:
+    """Warm ``step`` up, time it according to ``policy`` and summarise."""
+    warmed = 0
+    start = time.perf_counter()
+    while warmed < policy.warmup:
+        step()
+        warmed += 1
+        if cuda:
+            torch.cuda.synchronize()
+        if time.perf_counter() - start > policy.max_warmup_s:
+            break
+
+    times = _timed_cuda(step, policy) if cuda else _timed_cpu(step, policy)
+    median, iqr = summarise(times)
+    return Measurement(
+        median_ms=median, iqr_ms=iqr, runs=len(times), warmup=warmed, batch_size=batch_size, threads=threads
+    )
+
+
+def _enough(count: int, started: float, policy: TimingPolicy) -> bool:
+    if count >= policy.runs:
+        return True
+    return count >= policy.min_runs and time.perf_counter() - started >= policy.max_time_s
+
+
+def _timed_cpu(step: Callable[[], object], policy: TimingPolicy) -> list[float]:
+    times: list[float] = []
+    started = time.perf_counter()
+    while not _enough(len(times), started, policy):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _timed_cuda(step: Callable[[], object], policy: TimingPolicy) -> list[float]:
+    times: list[float] = []
+    begin = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    while not _enough(len(times), started, policy):
+        begin.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return times
+
+
+def summarise(times_ms: list[float]) -> tuple[float, float]:
+    """Median and interquartile range of a list of run times."""
+    if not times_ms:
+        raise ValueError("no timed runs")
+    if len(times_ms) == 1:
+        return times_ms[0], 0.0
+    q1, median, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    return median, q3 - q1
+
+
+# ------------------------------------------------------------------ the host
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads not counted)."""
+    cores: set[tuple[str, str]] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            physical, core = "0", None
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "physical id":
+                    physical = value
+                elif key == "core id":
+                    core = value
+                elif not key and core is not None:
+                    cores.add((physical, core))
+                    physical, core = "0", None
+            if core is not None:
+                cores.add((physical, core))
+    except OSError:
+        pass
+    logical = os.cpu_count() or 1
+    count = len(cores) or logical
+    try:
+        count = min(count, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        pass
+    return max(1, count)
+
+
+def cpu_name() -> str:
+    """The CPU model name (``/proc/cpuinfo``, else :func:`platform.processor`)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of ``device``: the CPU or GPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()

@@ -1,0 +1,482 @@
+"""Span graph: positions, candidate spans, their options, and the chain structure.
+
+The *position graph* has a node per position and an edge per unit (its input
+position → its output position) and per join operand (operand → join output).
+Its structure is recovered with dominators, with no architecture-specific code:
+
+* a join whose output ``b`` is reached from its immediate dominator ``a`` through a
+  single-entry, single-exit region whose operand branches share only ``a`` is a
+  :class:`~fxmerge.ir.Parallel` region (a residual block, an Inception module, a
+  Fire module); spans may lie inside one branch or cover the whole region (the skip
+  is then absorbed into the merged kernel);
+* any other join (a DenseNet concatenation, a join fed by a squeeze-excitation
+  gate) is kept as it is: its operands are pinned and its output starts new chains;
+* a position read by several units that do not meet again (a feature pyramid),
+  or by an op outside every span, ends its chain and is pinned.
+
+A span from position ``i`` to ``j`` of one chain exists when every step between them
+is a mergeable unit or region and no position strictly inside is pinned, so a span
+never cuts a block in half. Its *options* prune subsets of its reducible convs
+(C→C, stride 1, size preserving); options producing the same merged conv (kernel,
+stride, groups) are deduplicated, keeping the subset with the largest summed
+``|weight|``. The merged conv of each option is computed from a weight-free
+*footprint* that follows the same algebra as ``fxmerge.kernels``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+
+from fxmerge.ir import (
+    Chain,
+    ConvSpec,
+    Join,
+    Option,
+    Parallel,
+    Position,
+    Rejection,
+    Span,
+    SpanGraph,
+    Step,
+    Unit,
+    span_id,
+)
+from fxmerge.passes.match import Matched
+
+_ROOT = "__root__"
+
+
+@dataclass(frozen=True)
+class _Footprint:
+    """Weight-free LinearMap: kernel extent, stride, offset, groups (see kernels.py)."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: tuple[int, ...]
+    groups: int
+    channels_in: int
+    channels_out: int
+
+    @classmethod
+    def identity(cls, channels: int, dims: int) -> _Footprint:
+        return cls((1,) * dims, (1,) * dims, (0,) * dims, channels, channels, channels)
+
+    @classmethod
+    def of_conv(cls, spec: ConvSpec) -> _Footprint:
+        kernel = tuple((k - 1) * d + 1 for k, d in zip(spec.kernel_size, spec.dilation))
+        return cls(kernel, spec.stride, tuple(-p for p in spec.padding), spec.groups, spec.in_channels, spec.out_channels)
+
+    def then(self, after: _Footprint) -> _Footprint:
+        """``after`` applied to this map's output."""
+        return _Footprint(
+            kernel=tuple((ka - 1) * s + k for ka, s, k in zip(after.kernel, self.stride, self.kernel)),
+            stride=tuple(sa * s for sa, s in zip(after.stride, self.stride)),
+            offset=tuple(o + oa * s for o, oa, s in zip(self.offset, after.offset, self.stride)),
+            groups=math.gcd(self.groups, after.groups),
+            channels_in=self.channels_in,
+            channels_out=after.channels_out,
+        )
+
+    @staticmethod
+    def combine(parts: list[_Footprint], kind: str) -> _Footprint | None:
+        if len({p.stride for p in parts}) != 1:
+            return None
+        dims = len(parts[0].kernel)
+        offset = tuple(min(p.offset[d] for p in parts) for d in range(dims))
+        kernel = tuple(max(p.offset[d] + p.kernel[d] for p in parts) - offset[d] for d in range(dims))
+        if kind == "add":
+            groups = math.gcd(*[p.groups for p in parts])
+            out = parts[0].channels_out
+        else:
+            groups = parts[0].groups if len(parts) == 1 else 1
+            out = sum(p.channels_out for p in parts)
+        return _Footprint(kernel, parts[0].stride, offset, groups, parts[0].channels_in, out)
+
+
+def span_graph(matched: Matched, *, model: str, input_shapes, rules: str = "general", max_kernel: int = 15, max_units: int = 12, weight_norms: dict[str, float] | None = None) -> SpanGraph:
+    """Build the span graph of a matched graph (``rules="general"``; see ``rules.py`` for "paper")."""
+    units = {u.id: u for u in matched.units}
+    joins = {j.id: j for j in matched.joins}
+    positions = {p.id: p for p in matched.positions}
+    norms = weight_norms or {}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(positions)
+    for unit in matched.units:
+        graph.add_edge(unit.input_position, unit.output_position, unit=unit.id)
+    for join in matched.joins:
+        for operand in join.operands:
+            graph.add_edge(operand, join.output_position, join=join.id)
+
+    regions, fixed_joins, rejections = _find_regions(graph, joins, positions)
+    pinned = {pid: p.pinned for pid, p in positions.items() if p.pinned}
+    for join_id in fixed_joins:
+        for operand in joins[join_id].operands:
+            pinned.setdefault(operand, f"operand of {join_id}, which is not a single-entry region")
+    builder = _ChainBuilder(graph, regions, joins, units, pinned)
+    chains = builder.build()
+    pinned.update(builder.fanout_pinned)
+
+    # regions are mergeable when everything inside is
+    spans: list[Span] = []
+    enumerator = _SpanEnumerator(units, joins, positions, pinned, max_kernel, max_units, norms)
+    for chain in builder.all_chains:
+        spans.extend(enumerator.spans_of(chain))
+    position_list = tuple(
+        Position(p.id, p.index, p.kind, p.node, p.activation, p.shape, pinned.get(p.id)) for p in matched.positions
+    )
+    chains = tuple(_mark_mergeable(c, enumerator) for c in chains)
+    return SpanGraph(
+        model=model,
+        rules=rules,
+        input_shapes=tuple(tuple(s) for s in input_shapes),
+        units=matched.units,
+        joins=matched.joins,
+        positions=position_list,
+        spans=tuple(spans),
+        chains=chains,
+        rejections=matched.rejections + tuple(rejections),
+        settings=(("max_kernel", str(max_kernel)), ("max_units", str(max_units))),
+    )
+
+
+# --------------------------------------------------------------------- regions
+def _find_regions(graph: nx.DiGraph, joins: dict[str, Join], positions: dict[str, Position]):
+    rooted = graph.copy()
+    for node in list(graph.nodes):
+        if graph.in_degree(node) == 0:
+            rooted.add_edge(_ROOT, node)
+    idom = nx.immediate_dominators(rooted, _ROOT) if len(rooted) > 1 else {}
+    regions: dict[str, tuple[str, list[tuple[str, set[str]]]]] = {}
+    fixed: list[str] = []
+    rejections: list[Rejection] = []
+    for join in joins.values():
+        b = join.output_position
+        a = idom.get(b, _ROOT)
+        reason = _region_problem(graph, join, a, b, positions)
+        if reason is None:
+            descendants = nx.descendants(graph, a)
+            branches = []
+            for operand in join.operands:
+                nodes = {a, operand} | (descendants & nx.ancestors(graph, operand))
+                branches.append((operand, nodes))
+            regions[b] = (a, branches)
+        else:
+            fixed.append(join.id)
+            rejections.append(Rejection(join.node, f"join kept as it is: {reason}"))
+    return regions, fixed, rejections
+
+
+def _region_problem(graph, join: Join, a: str, b: str, positions) -> str | None:
+    if a == _ROOT:
+        return "its operands have no common source position"
+    descendants = nx.descendants(graph, a)
+    inside = {a, b} | (descendants & nx.ancestors(graph, b))
+    for node in inside - {a}:
+        if any(pred not in inside for pred in graph.predecessors(node)):
+            return f"{node} inside the region is also fed from outside it"
+    for node in inside - {a, b}:
+        if any(succ not in inside for succ in graph.successors(node)):
+            return f"{node} inside the region is also read outside it"
+        if positions[node].pinned:
+            return f"{node} inside the region is {positions[node].pinned}"
+    seen: set[str] = set()
+    for operand in join.operands:
+        nodes = ({operand} | (descendants & nx.ancestors(graph, operand))) - {a}
+        if nodes & seen:
+            return "its branches share positions (not series-parallel)"
+        seen |= nodes
+        if operand != a:
+            entries = [s for s in graph.successors(a) if s in nodes]
+            if len(entries) != 1:
+                return "a branch leaves the source through several edges"
+    if len(inside) == 2 and all(o == a for o in join.operands):
+        return "joins a tensor with itself"
+    return None
+
+
+class _ChainBuilder:
+    def __init__(self, graph, regions, joins, units, pinned):
+        self.graph = graph
+        self.regions = regions  # join output -> (source, [(operand, nodes)])
+        self.joins = joins
+        self.units = units
+        self.pinned = pinned
+        self.sources: dict[str, list[str]] = {}
+        for b, (a, _) in regions.items():
+            self.sources.setdefault(a, []).append(b)
+        self.join_of = {j.output_position: j.id for j in joins.values()}
+        self.fanout_pinned: dict[str, str] = {}
+        self.all_chains: list[Chain] = []
+        self.visited: set[str] = set()
+
+    def build(self) -> tuple[Chain, ...]:
+        heads = [n for n in self.graph.nodes if self.graph.in_degree(n) == 0]
+        heads += [b for b in self.join_of if b not in self.regions]
+        top: list[Chain] = []
+        queue = [(h, None) for h in sorted(heads, key=self._order)]
+        started: set[tuple] = set()
+        while queue:
+            head, first = queue.pop(0)
+            if (head, first) in started:
+                continue
+            started.add((head, first))
+            chain, extra = self._walk(head, first=first, stop=None, nodes=None)
+            if len(chain.positions) > 1 or first is None and not self.graph.out_degree(head):
+                top.append(chain)
+            queue.extend(extra)
+        return tuple(c for c in top if len(c.positions) > 1)
+
+    def _order(self, node):
+        return list(self.graph.nodes).index(node)
+
+    def _unit_edges(self, p, nodes):
+        return [
+            (q, data["unit"]) for q, data in self.graph[p].items()
+            if "unit" in data and (nodes is None or q in nodes)
+        ]
+
+    def _walk(self, start, first, stop, nodes):
+        positions, steps, extra = [start], [], []
+        p = start
+        forced = first
+        while p != stop:
+            unit_edges = self._unit_edges(p, nodes)
+            region_targets = [b for b in self.sources.get(p, []) if nodes is None or b in nodes]
+            if forced is not None:
+                kind, target = forced
+                forced = None
+            elif len(region_targets) == 1 and all(q in self._region_nodes(region_targets[0]) for q, _ in unit_edges):
+                kind, target = "region", region_targets[0]
+            elif len(unit_edges) == 1 and not region_targets:
+                kind, target = "unit", unit_edges[0]
+            else:
+                moves = [("unit", e) for e in unit_edges if not self._inside_region_of(p, e[0], region_targets)]
+                moves += [("region", b) for b in region_targets]
+                if len(moves) > 1:
+                    self.fanout_pinned.setdefault(p, "read by several branches that do not meet again")
+                extra.extend((p, m) for m in moves)
+                break
+            if kind == "unit":
+                q, unit_id = target
+                if q in self.visited:
+                    break
+                steps.append(Step("unit", unit=unit_id))
+                positions.append(q)
+                self.visited.add(q)
+                p = q
+            else:
+                b = target
+                if b in self.visited:
+                    break
+                region = self._region(p, b)
+                steps.append(Step("parallel", region=region))
+                positions.append(b)
+                self.visited.add(b)
+                p = b
+        chain = Chain(tuple(positions), tuple(steps))
+        self.all_chains.append(chain)
+        return chain, extra
+
+    def _region_nodes(self, b):
+        _, branches = self.regions[b]
+        return set().union(*(nodes for _, nodes in branches))
+
+    def _inside_region_of(self, p, q, region_targets):
+        return any(q in self._region_nodes(b) for b in region_targets)
+
+    def _region(self, a, b) -> Parallel:
+        _, branches = self.regions[b]
+        chains = []
+        for operand, nodes in branches:
+            if operand == a:
+                chains.append(Chain((a,), ()))
+                continue
+            entry = next(q for q in self.graph.successors(a) if q in nodes)
+            data = self.graph[a][entry]
+            first = ("unit", (entry, data["unit"])) if "unit" in data else ("region", entry)
+            chain, _ = self._walk(a, first=first, stop=operand, nodes=nodes)
+            chains.append(chain)
+        return Parallel(join=self.join_of[b], branches=tuple(chains), mergeable=False)
+
+
+# --------------------------------------------------------------------- spans
+class _SpanEnumerator:
+    def __init__(self, units, joins, positions, pinned, max_kernel, max_units, norms):
+        self.units: dict[str, Unit] = units
+        self.joins: dict[str, Join] = joins
+        self.positions: dict[str, Position] = positions
+        self.pinned = pinned
+        self.max_kernel = max_kernel
+        self.max_units = max_units
+        self.norms = norms
+        self._mergeable: dict[int, bool] = {}
+
+    # -- what a step contains
+    def region_units(self, region: Parallel) -> list[str]:
+        out = []
+        for branch in region.branches:
+            for step in branch.steps:
+                out.extend(self.step_units(step))
+        return out
+
+    def step_units(self, step: Step) -> list[str]:
+        if step.kind == "unit":
+            return [step.unit]
+        if step.kind == "parallel":
+            return self.region_units(step.region)
+        return list(step.region.units)
+
+    def region_joins(self, region: Parallel) -> list[str]:
+        out = [region.join]
+        for branch in region.branches:
+            for step in branch.steps:
+                if step.kind == "parallel":
+                    out.extend(self.region_joins(step.region))
+        return out
+
+    def region_positions(self, region: Parallel) -> list[str]:
+        out = []
+        for branch in region.branches:
+            out.extend(branch.positions[1:])
+            for step in branch.steps:
+                if step.kind == "parallel":
+                    out.extend(self.region_positions(step.region))
+        return out
+
+    def mergeable(self, region: Parallel) -> bool:
+        key = id(region)
+        if key not in self._mergeable:
+            join = self.joins[region.join]
+            ok = join.ineligible is None
+            for branch in region.branches:
+                ok = ok and all(p not in self.pinned for p in branch.positions[1:])
+                for step in branch.steps:
+                    ok = ok and self.crossable(step)
+            self._mergeable[key] = ok
+        return self._mergeable[key]
+
+    def crossable(self, step: Step) -> bool:
+        if step.kind == "unit":
+            return self.units[step.unit].ineligible is None
+        if step.kind == "parallel":
+            return self.mergeable(step.region)
+        return False
+
+    # -- footprints
+    def footprint(self, steps: list[Step], channels: int, dims: int, pruned: frozenset) -> _Footprint | None:
+        value = _Footprint.identity(channels, dims)
+        for step in steps:
+            if step.kind == "unit":
+                if step.unit not in pruned:
+                    value = value.then(_Footprint.of_conv(self.units[step.unit].conv))
+            else:
+                parts = []
+                for branch in step.region.branches:
+                    part = self.footprint(list(branch.steps), value.channels_out, dims, pruned)
+                    if part is None:
+                        return None
+                    parts.append(part)
+                combined = _Footprint.combine(parts, self.joins[step.region.join].kind)
+                if combined is None:
+                    return None
+                value = value.then(combined)
+        return value
+
+    # -- enumeration
+    def spans_of(self, chain: Chain) -> list[Span]:
+        spans = []
+        n = len(chain.positions)
+        for i in range(n - 1):
+            for j in range(i + 1, n):
+                steps = list(chain.steps[i:j])
+                if j - i > 1 or steps[0].kind != "unit":
+                    if not all(self.crossable(s) for s in steps):
+                        break
+                    if any(p in self.pinned for p in chain.positions[i + 1:j]):
+                        break
+                if steps[0].kind == "fixed":
+                    break
+                span = self._span(chain, i, j, steps)
+                if span is None:
+                    if self._too_big(steps):
+                        break
+                    continue
+                spans.append(span)
+        return spans
+
+    def _too_big(self, steps) -> bool:
+        units = [u for s in steps for u in self.step_units(s)]
+        return len(units) > self.max_units
+
+    def _span(self, chain: Chain, i: int, j: int, steps: list[Step]) -> Span | None:
+        start, end = chain.positions[i], chain.positions[j]
+        unit_ids = [u for s in steps for u in self.step_units(s)]
+        if not unit_ids or len(unit_ids) > self.max_units:
+            return None
+        joins = [jid for s in steps if s.kind == "parallel" for jid in self.region_joins(s.region)]
+        inner = list(chain.positions[i + 1:j])
+        for s in steps:
+            if s.kind == "parallel":
+                inner.extend(self.region_positions(s.region))
+        inner = [p for p in inner if p != end]
+        dropped = tuple(p for p in inner if self.positions[p].activation is not None)
+        end_position = self.positions[end]
+        start_position = self.positions[start]
+        if len(unit_ids) == 1 and not joins:
+            unit = self.units[unit_ids[0]]
+            spec = unit.conv
+            options = (Option(id="keep", pruned=(), conv=spec),)
+            return Span(span_id(start, end), start, end, tuple(unit_ids), (), dropped, options)
+        options = self._options(steps, unit_ids, start_position, end_position)
+        if not options:
+            return None
+        return Span(span_id(start, end), start, end, tuple(unit_ids), tuple(joins), dropped, tuple(options))
+
+    def _options(self, steps, unit_ids, start: Position, end: Position) -> list[Option]:
+        reducible = [u for u in unit_ids if self.units[u].reducible]
+        if len(reducible) <= 8:
+            subsets = [frozenset(c) for r in range(len(reducible) + 1) for c in itertools.combinations(reducible, r)]
+        else:
+            subsets = [frozenset()] + [frozenset(c) for r in (1, 2) for c in itertools.combinations(reducible, r)]
+        first = self.units[unit_ids[0]].conv
+        dims = first.dims
+        channels = start.shape[1] if len(start.shape) > 1 else first.in_channels
+        best: dict[tuple, tuple[float, frozenset, ConvSpec]] = {}
+        for pruned in subsets:
+            if len(pruned) == len(unit_ids):
+                continue
+            fp = self.footprint(steps, channels, dims, pruned)
+            if fp is None or any(k > self.max_kernel for k in fp.kernel) or any(o > 0 for o in fp.offset):
+                continue
+            spec = ConvSpec(
+                dims=dims, in_channels=channels, out_channels=fp.channels_out, kernel_size=fp.kernel,
+                stride=fp.stride, padding=tuple(-o for o in fp.offset), dilation=(1,) * dims,
+                groups=fp.groups, bias=True, activation=end.activation, input_shape=start.shape, dtype=first.dtype,
+            )
+            if end.shape and spec.output_shape != tuple(end.shape):
+                continue
+            key = (spec.kernel_size, spec.stride, spec.groups)
+            score = sum(self.norms.get(u, 1.0) for u in unit_ids if u not in pruned)
+            if key not in best or score > best[key][0] or (score == best[key][0] and not pruned):
+                best[key] = (score, pruned, spec)
+        options = []
+        for _, pruned, spec in sorted(best.values(), key=lambda v: (len(v[1]), sorted(v[1]))):
+            order = [u for u in unit_ids if u in pruned]
+            option_id = "keep" if not order else "prune:" + "+".join(order)
+            options.append(Option(id=option_id, pruned=tuple(order), conv=spec))
+        return options
+
+
+def _mark_mergeable(chain: Chain, enumerator: _SpanEnumerator) -> Chain:
+    steps = []
+    for step in chain.steps:
+        if step.kind == "parallel":
+            region = step.region
+            branches = tuple(_mark_mergeable(b, enumerator) for b in region.branches)
+            step = Step("parallel", region=Parallel(region.join, branches, enumerator.mergeable(region)))
+        steps.append(step)
+    return Chain(chain.positions, tuple(steps))
