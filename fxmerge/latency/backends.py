@@ -212,6 +212,11 @@ class OnnxRuntimeBackend(_Backend):
                 "on a GPU use backend='tensorrt' or 'eager'"
             )
         super().__init__(device, **kwargs)
+        if self.dtype not in (torch.float32, torch.float16):
+            raise BackendUnavailable(
+                f"onnxruntime's CPU provider runs float32 or float16 convs, not {self.dtype}; "
+                "use backend='eager' for other dtypes"
+            )
         self.version = self._ort.__version__
 
     def _prepare(self, module: nn.Module, inputs: tuple) -> Callable[[], object]:

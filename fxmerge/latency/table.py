@@ -70,9 +70,6 @@ class LatencyTable:
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self.entries
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def predict(self, entry_ids: Iterable[str]) -> float:
         """Predicted end-to-end latency (ms) of a network made of ``entry_ids``."""
         total = self.offset_ms
@@ -189,6 +186,16 @@ def build_latency_table(
     )
 
 
+def _check_same_backend(table: LatencyTable, backend: LatencyBackend) -> None:
+    built = (table.backend, table.device_name, table.info.get("threads", backend.threads))
+    given = (backend.name, backend.device_name, backend.threads)
+    if built != given:
+        raise ValueError(
+            "calibrate needs the backend the table was built on: table is (backend, device, threads) = "
+            f"{built}, got {given}"
+        )
+
+
 def _backend_info(backend: LatencyBackend) -> dict:
     return {
         "backend_version": backend.version,
@@ -233,8 +240,7 @@ def calibrate(
     on (by name).
     """
     backend = resolve_backend(backend)
-    if backend.name != table.backend:
-        raise ValueError(f"calibrating a {table.backend!r} latency table with the {backend.name!r} backend")
+    _check_same_backend(table, backend)
     keep_all = list(keep_all_entry_ids)
     convs_ms = table.predict(keep_all) - table.offset_ms
     original = measure_model(model, example_input, backend)

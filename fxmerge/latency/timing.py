@@ -14,6 +14,7 @@ as at batch-1 deployment, not pipelined behind the previous one).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -162,10 +163,8 @@ def physical_cores() -> int:
         pass
     logical = os.cpu_count() or 1
     count = len(cores) or logical
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         count = min(count, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        pass
     return max(1, count)
 
 

@@ -290,7 +290,7 @@ def join_info(node: torch.fx.Node) -> tuple[str, tuple[torch.fx.Node, ...], str 
         if alpha != 1:
             problem = f"add with alpha={alpha}"
         shapes = [a.meta.get("fxmerge_shape") for a in operands]
-        if shapes[0] != shapes[1]:
+        if None not in shapes and shapes[0] != shapes[1]:
             problem = f"add broadcasts {shapes[0]} with {shapes[1]}"
         return "add", tuple(operands), problem
     if node.op == "call_function" and node.target in _CAT_FUNCTIONS:

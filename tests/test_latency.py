@@ -1,0 +1,403 @@
+"""Latency backends, the measurement cache and the latency table.
+
+Fast: convs are tiny, backends run one thread and a handful of runs, and no test
+asserts anything about timings beyond their being positive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fxmerge.ir import ConvSpec, Option, Span, SpanGraph
+from fxmerge.latency import (
+    BACKENDS,
+    BackendUnavailable,
+    LatencyBackend,
+    LatencyTable,
+    Measurement,
+    build_latency_table,
+    calibrate,
+    conv_module,
+    default_cache_dir,
+    get_backend,
+    measure_model,
+    spec_input,
+)
+from fxmerge.latency.backends import export_onnx
+
+QUICK = {"threads": 1, "runs": 5, "warmup": 2}
+
+
+def conv(cin=4, cout=4, k=3, stride=1, act="relu", hw=8, groups=1, bias=True, dims=2) -> ConvSpec:
+    return ConvSpec(
+        dims=dims,
+        in_channels=cin,
+        out_channels=cout,
+        kernel_size=(k,) * dims,
+        stride=(stride,) * dims,
+        padding=(k // 2,) * dims,
+        dilation=(1,) * dims,
+        groups=groups,
+        bias=bias,
+        activation=act,
+        input_shape=(1, cin, *(hw,) * dims),
+    )
+
+
+def span_graph(*spans: list[ConvSpec]) -> SpanGraph:
+    """A span graph with one span per argument, each with one option per conv."""
+    made = tuple(
+        Span(
+            id=f"p{i}->p{i + 1}",
+            start=f"p{i}",
+            end=f"p{i + 1}",
+            units=(),
+            joins=(),
+            dropped_activations=(),
+            options=tuple(Option(id=f"o{j}", pruned=(), conv=c) for j, c in enumerate(convs)),
+        )
+        for i, convs in enumerate(spans)
+    )
+    return SpanGraph(
+        model="synthetic", rules="general", input_shapes=((1, 4, 8, 8),), units=(), joins=(),
+        positions=(), spans=made, chains=(), rejections=(),
+    )
+
+
+class FakeBackend:
+    """A deterministic backend: 'latency' is the module's parameter count / 1000."""
+
+    name = "fake"
+    version = "1.0"
+    device = "cpu"
+    device_name = "test cpu"
+    dtype = torch.float32
+
+    def __init__(self, threads: int = 1, fail_after: int | None = None) -> None:
+        self.threads = threads
+        self.fail_after = fail_after
+        self.calls = 0
+
+    def measure(self, module: nn.Module, example_input) -> Measurement:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("interrupted")
+        self.calls += 1
+        with torch.inference_mode():
+            module(example_input)
+        ms = sum(p.numel() for p in module.parameters()) / 1000
+        return Measurement(median_ms=ms, iqr_ms=0.0, runs=1, warmup=0, batch_size=1, threads=self.threads)
+
+
+class Counting:
+    """Wraps a real backend and counts its measurements."""
+
+    def __init__(self, backend: LatencyBackend) -> None:
+        self.inner = backend
+        self.calls = 0
+        for attr in ("name", "version", "device", "device_name", "threads", "dtype"):
+            setattr(self, attr, getattr(backend, attr))
+
+    def measure(self, module, example_input) -> Measurement:
+        self.calls += 1
+        return self.inner.measure(module, example_input)
+
+
+# ------------------------------------------------------------------ conv modules
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        conv(),
+        conv(cin=4, cout=8, k=1, stride=2, act=None, bias=False),
+        conv(cin=8, cout=8, groups=8, act="silu"),
+        conv(dims=1, act="gelu", hw=16),
+    ],
+    ids=["3x3", "1x1-stride2", "depthwise", "conv1d"],
+)
+def test_conv_module_matches_spec(spec: ConvSpec) -> None:
+    module = conv_module(spec)
+    x = spec_input(spec)
+    assert not module.training
+    assert tuple(x.shape) == spec.input_shape
+    assert tuple(module(x).shape) == spec.output_shape
+    assert (module[0].bias is not None) == spec.bias
+    assert torch.equal(conv_module(spec)[0].weight, module[0].weight)  # seeded
+
+
+def test_conv_module_leaves_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    conv_module(conv())
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ------------------------------------------------------------------ backends
+
+
+@pytest.mark.parametrize("name", ["eager", "onnxruntime", "inductor"])
+def test_cpu_backend_measures_a_small_conv(name: str) -> None:
+    backend = get_backend(name, device="cpu", **QUICK)
+    assert isinstance(backend, LatencyBackend)
+    assert backend.name == name and backend.device == "cpu" and backend.threads == 1
+    assert backend.version and backend.device_name
+    spec = conv(cin=4, cout=8, hw=8)
+    try:
+        m = backend.measure(conv_module(spec), spec_input(spec))
+    except BackendUnavailable as error:
+        if name == "inductor":
+            pytest.skip(f"inductor cannot compile on this machine: {error}")
+        raise
+    assert m.median_ms > 0 and m.iqr_ms >= 0
+    assert 1 <= m.runs <= 5 and m.warmup <= 2
+    assert m.batch_size == 1 and m.threads == 1
+
+
+def test_auto_is_onnxruntime_on_cpu() -> None:
+    assert get_backend("auto", device="cpu").name == "onnxruntime"
+
+
+def test_eager_restores_thread_count() -> None:
+    before = torch.get_num_threads()
+    backend = get_backend("eager", threads=1, runs=2, warmup=0)
+    backend.measure(conv_module(conv()), spec_input(conv()))
+    assert torch.get_num_threads() == before
+
+
+def test_timing_is_adaptive() -> None:
+    # A time budget of zero stops after min_runs, however many runs were asked for.
+    backend = get_backend("eager", threads=1, runs=1000, warmup=0, min_runs=3, max_time_s=0.0)
+    m = backend.measure(conv_module(conv()), spec_input(conv()))
+    assert m.runs == 3
+
+
+def test_measure_does_not_change_the_callers_module() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).train()
+    weight = model[0].weight.detach().clone()
+    m = measure_model(model, torch.randn(2, 4, 8, 8), get_backend("eager", dtype="float16", **QUICK))
+    assert m.batch_size == 2
+    assert model.training and model[0].weight.dtype == torch.float32
+    assert torch.equal(model[0].weight, weight)
+
+
+def test_onnx_export_uses_the_torchscript_exporter() -> None:
+    onnx = pytest.importorskip("onnx")
+    spec = conv()
+    proto = onnx.load_from_string(export_onnx(conv_module(spec), (spec_input(spec),), ["input_0"]))
+    assert [n.op_type for n in proto.graph.node] == ["Conv", "Relu"]
+    assert proto.opset_import[0].version >= 17
+
+
+def test_onnx_export_falls_back_to_dynamo(monkeypatch: pytest.MonkeyPatch) -> None:
+    export = torch.onnx.export
+
+    def no_torchscript(*args, **kwargs):
+        if kwargs.get("dynamo") is False:
+            raise RuntimeError("TorchScript exporter unavailable")
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_torchscript)
+    spec = conv(cin=2, cout=2, hw=4)
+    m = get_backend("onnxruntime", **QUICK).measure(conv_module(spec), spec_input(spec))
+    assert m.median_ms > 0
+
+
+def test_unknown_backend_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="unknown latency backend 'fast'") as info:
+        get_backend("fast")
+    assert isinstance(info.value, BackendUnavailable)
+    for name in ("auto", *BACKENDS):
+        assert name in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_tensorrt_without_gpu_says_so() -> None:
+    with pytest.raises(BackendUnavailable, match=r"tensorrt needs an NVIDIA GPU; torch.cuda.is_available\(\) is False"):
+        get_backend("tensorrt")
+    with pytest.raises(BackendUnavailable, match="needs an NVIDIA GPU"):
+        get_backend("eager", device="cuda")
+
+
+def test_missing_onnxruntime_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(BackendUnavailable, match="pip install onnxruntime"):
+        get_backend("onnxruntime")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_missing_tensorrt_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)
+    with pytest.raises(BackendUnavailable, match=r"pip install fxmerge\[tensorrt\]"):
+        get_backend("tensorrt", device="cuda")
+    assert get_backend("auto", device="cuda").name == "eager"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("name", ["eager", "inductor"])
+def test_cuda_backend_measures_a_small_conv(name: str) -> None:
+    spec = conv(cin=16, cout=16, hw=32)
+    m = get_backend(name, device="cuda", runs=5, warmup=2).measure(conv_module(spec), spec_input(spec))
+    assert m.median_ms > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensorrt_measures_a_small_conv(dtype: torch.dtype) -> None:
+    pytest.importorskip("torch_tensorrt")
+    spec = conv(cin=16, cout=16, hw=32)
+    backend = get_backend("tensorrt", device="cuda", dtype=dtype, runs=5, warmup=2)
+    assert backend.dtype == dtype
+    assert backend.measure(conv_module(spec), spec_input(spec)).median_ms > 0
+
+
+# ------------------------------------------------------------------ the table
+
+
+def test_table_has_every_entry_and_dedups_identical_convs(tmp_path) -> None:
+    same = conv(cin=4, cout=4)
+    graph = span_graph([same, conv(cin=4, cout=8)], [same], [conv(k=5)])
+    backend = FakeBackend()
+    table = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
+    assert set(table.entries) == {e.id for e in graph.entries}
+    assert backend.calls == 3 and table.measurements == 3
+    assert table.entries["p0->p1|o0"] == table.entries["p1->p2|o0"]
+    assert table.backend == "fake" and table.device_name == "test cpu"
+    assert table.info["measured"] == 3 and table.info["cached"] == 0
+    assert table.info["threads"] == 1 and table.info["batch_size"] == 1
+
+
+def test_second_build_reads_everything_from_the_cache(tmp_path) -> None:
+    graph = span_graph([conv(), conv(cout=8)], [conv(k=1)])
+    backend = Counting(get_backend("onnxruntime", **QUICK))
+    first = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
+    assert backend.calls == 3
+    second = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
+    assert backend.calls == 3
+    assert second.entries == first.entries
+    assert second.measurements == 3 and second.info["cached"] == 3 and second.info["measured"] == 0
+    assert not list(tmp_path.glob("*.tmp")) and len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_interrupted_build_resumes_with_only_the_missing_entries(tmp_path) -> None:
+    graph = span_graph([conv(cout=c) for c in (4, 5, 6, 7, 8)])
+    with pytest.raises(KeyboardInterrupt):
+        build_latency_table(graph, FakeBackend(fail_after=2), cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    resumed = FakeBackend()
+    table = build_latency_table(graph, resumed, cache_dir=tmp_path, progress=False)
+    assert resumed.calls == 3
+    assert table.info["measured"] == 3 and table.info["cached"] == 2 and len(table.entries) == 5
+
+
+def test_cache_is_keyed_on_the_backend_settings(tmp_path) -> None:
+    graph = span_graph([conv()])
+    build_latency_table(graph, FakeBackend(threads=1), cache_dir=tmp_path, progress=False)
+    other = FakeBackend(threads=2)
+    build_latency_table(graph, other, cache_dir=tmp_path, progress=False)
+    assert other.calls == 1
+    newer = FakeBackend()
+    newer.version = "2.0"
+    build_latency_table(graph, newer, cache_dir=tmp_path, progress=False)
+    assert newer.calls == 1
+
+
+def test_corrupt_cache_file_is_measured_again(tmp_path) -> None:
+    graph = span_graph([conv()])
+    build_latency_table(graph, FakeBackend(), cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("*.json")
+    path.write_text("{not json")
+    again = FakeBackend()
+    build_latency_table(graph, again, cache_dir=tmp_path, progress=False)
+    assert again.calls == 1
+    assert json.loads(path.read_text())["measurement"]["median_ms"] > 0
+
+
+def test_cache_can_be_disabled_and_defaults_to_env(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FXMERGE_CACHE_DIR", str(tmp_path / "root"))
+    assert default_cache_dir() == tmp_path / "root" / "latency"
+    graph = span_graph([conv()])
+    build_latency_table(graph, FakeBackend(), progress=False)
+    assert len(list((tmp_path / "root" / "latency").glob("*.json"))) == 1
+    backend = FakeBackend()
+    build_latency_table(graph, backend, cache_dir=False, progress=False)
+    build_latency_table(graph, backend, cache_dir=False, progress=False)
+    assert backend.calls == 2
+
+
+def test_progress_bar_names_backend_and_threads(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    build_latency_table(span_graph([conv()]), FakeBackend(), cache_dir=tmp_path, progress=True)
+    assert "latency table (fake, 1 threads)" in capsys.readouterr().err
+
+
+def test_predict_and_json_round_trip(tmp_path) -> None:
+    table = LatencyTable(
+        backend="onnxruntime", device_name="cpu", entries={"a|o0": 1.5, "b|o0": 2.25, "b|o1": 0.5},
+        offset_ms=0.75, original_ms=4.5, measurements=3, info={"threads": 2, "iqr_ms": {"a|o0": 0.1}},
+    )
+    assert table.predict(["a|o0", "b|o0"]) == pytest.approx(4.5)
+    assert table.predict([]) == pytest.approx(0.75)
+    with pytest.raises(KeyError, match="c|o0"):
+        table.predict(["c|o0"])
+    with pytest.raises(TypeError):
+        table.entries["a|o0"] = 0.0  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        table.offset_ms = 0.0  # type: ignore[misc]
+
+    path = tmp_path / "table.json"
+    table.save(path)
+    assert json.loads(path.read_text())["entries"]["b|o1"] == 0.5
+    loaded = LatencyTable.load(path)
+    assert loaded == table
+    assert LatencyTable.from_dict(table.to_dict()) == table
+
+
+def test_calibrate_makes_keep_all_predict_the_original(tmp_path) -> None:
+    first, second = conv(cin=4, cout=8), conv(cin=8, cout=8, act=None)
+    graph = span_graph([first], [second])
+    backend = FakeBackend()
+    table = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
+    model = nn.Sequential(conv_module(first), conv_module(second), nn.Flatten(), nn.LazyLinear(3))
+    model(spec_input(first))  # materialise the lazy layer
+    keep_all = [e.id for e in graph.entries]
+    calibrated = calibrate(table, model, spec_input(first), keep_all, backend)
+    original = backend.measure(model, spec_input(first)).median_ms
+    assert calibrated.original_ms == pytest.approx(original)
+    assert calibrated.predict(keep_all) == pytest.approx(original)
+    assert calibrated.offset_ms == pytest.approx(original - sum(table.entries.values()))
+    assert calibrated.entries == table.entries
+    with pytest.raises(ValueError, match="backend the table was built on"):
+        calibrate(table, model, spec_input(first), keep_all, FakeBackend(threads=4))
+
+
+def test_real_table_and_calibration_on_onnxruntime(tmp_path) -> None:
+    first, second = conv(cin=3, cout=8, stride=2), conv(cin=8, cout=8)
+    graph = span_graph([first], [second])
+    backend = get_backend("onnxruntime", **QUICK)
+    table = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
+    assert all(ms > 0 for ms in table.entries.values())
+    model = nn.Sequential(conv_module(first), conv_module(second))
+    calibrated = calibrate(table, model, spec_input(first), [e.id for e in graph.entries], backend)
+    assert calibrated.original_ms > 0
+    assert calibrated.predict(e.id for e in graph.entries) == pytest.approx(calibrated.original_ms)
+
+
+@pytest.mark.slow
+def test_inductor_times_many_distinct_convs(tmp_path) -> None:
+    # More distinct convs than dynamo's recompile limit (8): each must really be compiled.
+    graph = span_graph([conv(cout=c) for c in range(4, 14)])
+    backend = get_backend("inductor", **QUICK)
+    try:
+        table = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
+    except BackendUnavailable as error:
+        pytest.skip(f"inductor cannot compile on this machine: {error}")
+    assert table.measurements == 10 and all(ms > 0 for ms in table.entries.values())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 10
