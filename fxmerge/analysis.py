@@ -39,10 +39,13 @@ def analyze_captured(
         from fxmerge.passes.rules import paper_rules
 
         graph = paper_rules(graph)
-    if captured.leaves:
+    # a leaf's call sites are already rejected with the leaf's reason; add the leaves never called
+    reported = {r.reason for r in graph.rejections}
+    leaves = tuple(leaf for leaf in captured.leaves if leaf.reason not in reported)
+    if leaves:
         from dataclasses import replace
 
-        graph = replace(graph, rejections=graph.rejections + captured.leaves)
+        graph = replace(graph, rejections=graph.rejections + leaves)
     return graph
 
 

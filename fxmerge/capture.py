@@ -208,6 +208,18 @@ def graph_form(gm: torch.fx.GraphModule) -> str:
     return "symbolic_trace"
 
 
+def drop_guards(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove ``torch.export``'s input guard call (``_guards_fn``): it checks, computes nothing."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
 # ------------------------------------------------------------------ shapes
 class _ShapeRecorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node):
@@ -221,9 +233,36 @@ class _ShapeRecorder(torch.fx.Interpreter):
         return result
 
 
+class _Recording(nn.Module):
+    """Runs ``gm`` through :class:`_ShapeRecorder` (so ``functional_call`` can swap its tensors)."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *inputs):
+        return _ShapeRecorder(self.gm).run(*inputs)
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence) -> None:
-    """Record the real shape and dtype of every tensor-valued node."""
+    """Record the real shape and dtype of every tensor-valued node.
+
+    The graph runs on the ``meta`` device first (parameters swapped for meta tensors
+    with ``torch.func.functional_call``; shapes only, no arithmetic, several times
+    faster than running a large model at 224×224 on a CPU). Code that needs real
+    values (a kept-whole leaf with data-dependent control flow, an op with no meta
+    kernel, a tensor constant that is not a parameter or buffer) makes it run again
+    on the real inputs.
+    """
     with torch.no_grad():
+        try:
+            tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+            meta = {f"gm.{name}": t.to("meta") for name, t in tensors.items()}
+            meta_inputs = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs]
+            torch.func.functional_call(_Recording(gm), meta, tuple(meta_inputs), strict=False)
+            return
+        except Exception:  # noqa: BLE001 - whatever the meta device cannot do, the real run can
+            pass
         _ShapeRecorder(gm).run(*inputs)
 
 
@@ -248,11 +287,12 @@ def capture(model: nn.Module, example_input) -> Captured:
     working.eval()
     leaves: tuple[Rejection, ...] = ()
     if isinstance(working, torch.fx.GraphModule):
-        gm = working
+        gm = drop_guards(working)
         form = graph_form(gm)
     else:
         gm, leaves = trace(working)
         form = "symbolic_trace"
+        gm._fxmerge_leaves = {leaf.node: leaf.reason for leaf in leaves}
     gm.fxmerge_name = name
     try:
         propagate_shapes(gm, inputs)

@@ -251,11 +251,16 @@ class SpanGraph:
 
     @property
     def entries(self) -> tuple[Entry, ...]:
-        return tuple(
+        cached = self.__dict__.get("_entries")
+        if cached is not None:
+            return cached
+        cached = tuple(
             Entry(id=f"{span.id}|{option.id}", span=span.id, start=span.start, end=span.end, option=option)
             for span in self.spans
             for option in span.options
         )
+        self.__dict__["_entries"] = cached
+        return cached
 
     def unit(self, unit_id: str) -> Unit:
         return self._index("units")[unit_id]
@@ -270,7 +275,7 @@ class SpanGraph:
         return self._index("spans")[span_id]
 
     def entry(self, entry_id: str) -> Entry:
-        return {e.id: e for e in self.entries}[entry_id]
+        return self._index("entries")[entry_id]
 
     def _index(self, name: str) -> dict:
         cache = self.__dict__.setdefault("_indices", {})
@@ -281,6 +286,9 @@ class SpanGraph:
     @property
     def fingerprint(self) -> str:
         """Hash of the structure (units, positions, spans); plans are checked against it."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return cached
         payload = json.dumps(
             {
                 "units": [(u.id, u.conv.signature()) for u in self.units],
@@ -289,7 +297,9 @@ class SpanGraph:
             },
             sort_keys=True,
         )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        cached = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        self.__dict__["_fingerprint"] = cached
+        return cached
 
     def single_unit_span(self, unit_id: str) -> Span:
         """The span that holds only ``unit_id`` (it exists for every unit)."""

@@ -113,12 +113,12 @@ class ConvParams:
         module = cls(
             self.in_channels, self.out_channels, tuple(self.weight.shape[2:]), stride=self.stride,
             padding=self.padding, dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
-        )
+        ).to(dtype=self.weight.dtype, device=self.weight.device)
         with torch.no_grad():
             module.weight.copy_(self.weight)
             if self.bias is not None:
                 module.bias.copy_(self.bias)
-        return module.to(dtype=self.weight.dtype, device=self.weight.device)
+        return module
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[self.dims]

@@ -122,9 +122,6 @@ class Plan:
         missing = [u.id for u in span_graph.units if u.id not in covered]
         if missing:
             raise PlanError(f"plan covers no span for unit(s) {missing[:3]}; a plan must cover every unit")
-        starts = {}
-        for entry in chosen:
-            starts.setdefault(entry.start, []).append(entry)
         for chain in span_graph.chains:
             _walk_chain(chain, span_graph, {e.span for e in chosen})
 

@@ -27,7 +27,8 @@ its latency rounded *up*. A plan the program accepts has ``sum c_e <= bins``, so
     sum l_e  <=  sum c_e * w  <=  bins * w  =  A,
 
 i.e. its real, un-rounded predicted latency is within the budget, however many
-entries it has. The reference LayerMerge implementation rounds *down*; each chosen
+entries it has. (The bins are made narrower by a relative 1e-9 so that
+floating-point rounding in these sums cannot break the inequality.) The reference LayerMerge implementation rounds *down*; each chosen
 entry can then hide up to one bin, and its plans can exceed the budget by as many
 bins as they have entries. The price of rounding up is the reverse: a plan that fits
 only by less than its rounding slack (at most ``len(plan) / bins`` of ``A``) is not
@@ -87,6 +88,9 @@ __all__ = [
 
 METHODS = ("layermerge", "depth", "layer")
 MIN_BINS = 1000
+# Bins are this much (relatively) narrower than budget / bins, so that floating-point
+# rounding in the sums cannot undo the budget guarantee; far below one bin's worth.
+_WIDTH_MARGIN = 1e-9
 
 
 class InfeasibleBudget(ValueError):
@@ -335,13 +339,13 @@ def _check_bins(bins) -> int:
 def _bin_costs(
     latency: Mapping[str, float], ids: list[str], available: float, bins: int
 ) -> dict[str, int]:
-    """Each entry's latency in whole bins of ``available / bins`` ms, rounded up.
+    """Each entry's latency in whole bins of (a hair under) ``available / bins`` ms, rounded up.
 
     An entry that alone overflows the budget costs ``bins + 1``.
     """
     ms = np.array([float(latency[e]) for e in ids], dtype=float)
     if available > 0:
-        width = available / bins
+        width = available / bins * (1 - _WIDTH_MARGIN)
         cost = np.ceil(ms / width)
         cost[cost * width < ms] += 1  # never let a division rounding lose the guarantee
     else:
@@ -476,8 +480,12 @@ def _infeasible(
             suggested_ms=None,
         )
     # The fastest plan survives rounding once sum ceil(l/w) <= spent/w + count <= bins,
-    # i.e. once the budget reaches offset + spent * bins / (bins - count).
-    suggested = _round_up(offset + spent * bins / (bins - count)) if count < bins else None
+    # i.e. once the budget reaches offset + spent * bins / (bins - count) (w narrowed).
+    suggested = (
+        _round_up(offset + spent * bins / ((bins - count) * (1 - _WIDTH_MARGIN)))
+        if count < bins
+        else None
+    )
     advice = (
         f"ask for a target of at least {suggested:.6g} ms"
         if suggested is not None

@@ -243,7 +243,7 @@ def _draw(seed: int) -> Case:
         found = []
         for d, (extent, stride, padding) in enumerate(frames):
             target_len = _out_len(size[d], padding, extent, stride)
-            options = [(k, p) for k in (1, 3) for p in range(7) if _out_len(size[d], p, k, stride) == target_len]
+            options = [(k, p) for k in (1, 2, 3, 5, 7) for p in range(7) if _out_len(size[d], p, k, stride) == target_len]
             found.append(rng.choice(options) if options else None)
         if any(f is None for f in found):
             skip = "none"
@@ -637,6 +637,20 @@ def test_float64_chain_is_exact():
     assert merged(x).shape == expected.shape
     assert _rel(merged(x), expected) <= 1e-10
     assert _rel(run_front_padded(x, params, affines), expected) <= 1e-10
+
+
+def test_map_with_an_offset_keeps_the_rest_of_its_padding():
+    # a conv padded by 1 inside a span padded by 3: it starts 2 elements into the span input
+    gen = torch.Generator().manual_seed(16)
+    conv = _conv(gen, 1, 3, 4, 3, 2, 1, 1, 1, True)
+    value = chain_map(_params([conv]), leading=(2,))
+    assert value.offset == (2,)
+    merged = to_conv(value, (3,))
+    assert merged.padding == (1,)
+    x = torch.randn(2, 3, 12, generator=gen)
+    assert _rel(merged(x), conv(x)) <= TOLERANCE
+    # the offset scales with the stride of what it crops
+    assert crop(chain_map(_params([conv])), (3,)).offset == (6,)
 
 
 def test_identity_skip_is_a_dirac_at_the_centre():

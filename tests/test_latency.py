@@ -231,6 +231,11 @@ def test_missing_onnxruntime_says_what_to_install(monkeypatch: pytest.MonkeyPatc
         get_backend("onnxruntime")
 
 
+def test_onnxruntime_rejects_dtypes_its_cpu_provider_cannot_run() -> None:
+    with pytest.raises(BackendUnavailable, match="float32 or float16"):
+        get_backend("onnxruntime", dtype=torch.bfloat16)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_missing_tensorrt_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch_tensorrt", None)

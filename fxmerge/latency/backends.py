@@ -147,7 +147,8 @@ class _Backend:
         The caller's module is copied rather than changed when it needs moving.
         """
         tensors = itertools.chain(module.parameters(), module.buffers())
-        if module.training or any(not self._is_placed(t) for t in tensors):
+        training = any(m.training for m in module.modules())
+        if training or any(not self._is_placed(t) for t in tensors):
             module = copy.deepcopy(module).to(device=self.torch_device, dtype=self.dtype).eval()
         placed = tuple(self._place_tensor(x) for x in inputs)
         return module, placed

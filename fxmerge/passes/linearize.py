@@ -148,7 +148,9 @@ def _rewrite_span(gm: torch.fx.GraphModule, span_graph: SpanGraph, entry: Entry)
     for node in region_sorted:
         info = conv_info(node, gm)
         if info is not None:
-            _unpad_conv(gm, node, info)
+            replacement = _unpad_conv(gm, node, info)
+            if node is end_pre:
+                end_pre = replacement
     with gm.graph.inserting_after(end_pre):
         marker = gm.graph.call_function(SPAN_END, (end_pre, span.id))
     end_pre.replace_all_uses_with(marker, delete_user_cb=lambda user: user is not marker)
@@ -203,7 +205,7 @@ def _region(start: torch.fx.Node, end: torch.fx.Node) -> set[torch.fx.Node]:
     return reached
 
 
-def _unpad_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, info) -> None:
+def _unpad_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, info) -> torch.fx.Node:
     """Run this conv call site unpadded, still using the module's own parameters."""
     dims = info.dims
     if node.op == "call_module":
@@ -218,10 +220,11 @@ def _unpad_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, info) -> None:
         functional.meta.update(node.meta)
         node.replace_all_uses_with(functional)
         gm.graph.erase_node(node)
-        return
+        return functional
     args = list(node.args)
     while len(args) < 5:
         args.append({2: None, 3: 1, 4: 0}[len(args)])
     args[4] = (0,) * dims
     node.args = tuple(args)
     node.kwargs = {k: v for k, v in node.kwargs.items() if k != "padding"}
+    return node

@@ -23,6 +23,7 @@ match the same way.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 
 import torch
@@ -370,13 +371,31 @@ def _extend(start: torch.fx.Node, gm: torch.fx.GraphModule):
                         affines.append(info)
                         current = info.node
                         continue
-            name = activations.classify(user, modules)
+            name = _activation_name(user, modules)
             if name is not None and user.args and user.args[0] is current:
                 activation_node, activation = user, name
                 current = user
                 continue
         break
     return affines, activation_node, activation, current
+
+
+def _activation_name(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """``activations.classify``, with ``hardtanh(0, 6)`` named ``relu6``.
+
+    ``nn.ReLU6`` reaches a ``torch.compile`` graph as ``F.hardtanh(x, 0.0, 6.0)`` and a
+    ``torch.export`` graph as ``aten.hardtanh_(x, 0.0, 6.0)``; naming it the same in
+    every form keeps span graphs (and latency signatures) identical across forms.
+    """
+    name = activations.classify(node, modules)
+    if name != "hardtanh":
+        return name
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        bounds = (getattr(module, "min_val", None), getattr(module, "max_val", None))
+    else:
+        bounds = (_arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0))
+    return "relu6" if bounds == (0.0, 6.0) else name
 
 
 def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
@@ -389,6 +408,15 @@ def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
     claimed: dict[torch.fx.Node, str] = {}
     rejections: list[Rejection] = []
     path_counts: dict[str, int] = {}
+    label_counts: dict[str, int] = {}
+
+    def stable_id(prefix: str, node: torch.fx.Node) -> str:
+        """``prefix:module.path`` (``#k`` for the k-th such node in one module), the same in every form."""
+        label = _label(node)
+        label = f"{prefix}:{label}" if label else (prefix if prefix != "src" else f"src:{node.name}")
+        count = label_counts.get(label, 0)
+        label_counts[label] = count + 1
+        return label if count == 0 else f"{label}#{count}"
 
     for node in nodes:
         if node in claimed:
@@ -416,7 +444,7 @@ def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
         if joined is not None:
             kind, operands, problem = joined
             affines, act_node, act, last = _extend(node, gm)
-            join_id = f"{kind}:{_label(node)}"
+            join_id = stable_id(kind, node)
             join_parts.append((join_id, kind, node, operands, problem, affines, act_node, act, last))
             claimed[node] = join_id
             for a in affines:
@@ -433,6 +461,7 @@ def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
         output_nodes[part[-1]] = ("join", part[0])
 
     positions: dict[str, dict] = {}
+    source_ids: dict[torch.fx.Node, str] = {}
 
     def resolve(node: torch.fx.Node) -> str:
         """The position a consumer of ``node`` reads (through transparent ops)."""
@@ -440,10 +469,10 @@ def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
             node = node.args[0]
         if node in output_nodes:
             return output_nodes[node][1]
-        position_id = f"src:{_label(node)}"
-        if position_id not in positions:
-            positions[position_id] = {"kind": "source", "node": node, "activation": None}
-        return position_id
+        if node not in source_ids:
+            source_ids[node] = stable_id("src", node)
+            positions[source_ids[node]] = {"kind": "source", "node": node, "activation": None}
+        return source_ids[node]
 
     units: list[Unit] = []
     for unit_id, info, affines, act_node, act, last in unit_parts:
@@ -514,6 +543,8 @@ def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
             continue
         if node.op == "call_function" and node.target is operator.getitem and node.args[0] in claimed:
             continue
+        if _is_output_container(node):
+            continue
         rejections.append(Rejection(node.name, _boundary_reason(node, gm, modules)))
     for unit in units:
         if unit.ineligible:
@@ -528,22 +559,28 @@ def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
 
 
 def _label(node: torch.fx.Node) -> str:
-    """A readable, stable label: the module path of the node where known, else its name."""
+    """A readable label that is the same in every graph form, or ``""``.
+
+    A module call is labelled with its module path, any other op with the path of
+    the module whose forward ran it (``nn_module_stack``; ``""`` at the top level),
+    and a graph input with the name of the ``forward`` argument (``torch.compile``
+    calls ``x`` ``l_x_``). Node names are never part of a label: they differ between
+    ``symbolic_trace``, ``torch.compile`` and ``torch.export``.
+    """
     if node.op == "call_module":
         return node.target
+    if node.op == "placeholder":
+        local = re.fullmatch(r"[lL]_(\w+?)_", node.name)
+        return local.group(1) if local and "example_value" in node.meta else node.name
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1]
         path = path[0] if isinstance(path, tuple) else path
-        path = _clean_path(str(path))
-        if path:
-            return f"{path}.{node.name}" if node.op != "placeholder" else node.name
-    return node.name
+        return _clean_path(str(path))
+    return ""
 
 
 def _clean_path(path: str) -> str:
-    import re
-
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
@@ -551,12 +588,19 @@ def _clean_path(path: str) -> str:
     return path
 
 
+def _is_output_container(node: torch.fx.Node) -> bool:
+    """A namedtuple built only to be returned (``symbolic_trace`` records its constructor)."""
+    if node.op != "call_function" or not isinstance(node.target, type) or not issubclass(node.target, tuple):
+        return False
+    return all(user.op == "output" or _is_output_container(user) for user in node.users)
+
+
 def _outside_use(node: torch.fx.Node, gm, claimed: dict, output_nodes: dict) -> str | None:
     """Why a position's tensor must stay materialised, or ``None``."""
     pending = list(node.users)
     while pending:
         user = pending.pop()
-        if user.op == "output":
+        if user.op == "output" or _is_output_container(user):
             return "a model output"
         if is_transparent(user, gm) and user not in claimed:
             pending.extend(user.users)
@@ -578,7 +622,10 @@ def _boundary_reason(node: torch.fx.Node, gm, modules) -> str:
             return "BatchNorm not directly after a conv or join"
         if activations.classify(node, modules) is not None:
             return "activation not directly after a conv or join"
-        if isinstance(module, torch.fx.GraphModule) or node.target in getattr(gm, "_fxmerge_leaves", ()):
+        leaves = getattr(gm, "_fxmerge_leaves", None) or {}
+        if node.target in leaves:
+            return leaves[node.target]
+        if isinstance(module, torch.fx.GraphModule):
             return "untraceable submodule kept whole"
         return f"{type(module).__name__} is not a conv, affine, activation, join or identity op"
     if activations.classify(node, modules) is not None:

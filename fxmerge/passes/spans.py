@@ -314,6 +314,7 @@ class _SpanEnumerator:
         self.max_units = max_units
         self.norms = norms
         self._mergeable: dict[int, bool] = {}
+        self._region_footprints: dict[tuple, _Footprint | None] = {}
 
     # -- what a step contains
     def region_units(self, region: Parallel) -> list[str]:
@@ -374,17 +375,26 @@ class _SpanEnumerator:
                 if step.unit not in pruned:
                     value = value.then(_Footprint.of_conv(self.units[step.unit].conv))
             else:
-                parts = []
-                for branch in step.region.branches:
-                    part = self.footprint(list(branch.steps), value.channels_out, dims, pruned)
-                    if part is None:
-                        return None
-                    parts.append(part)
-                combined = _Footprint.combine(parts, self.joins[step.region.join].kind)
+                combined = self._region_footprint(step.region, value.channels_out, dims, pruned)
                 if combined is None:
                     return None
                 value = value.then(combined)
         return value
+
+    def _region_footprint(self, region: Parallel, channels: int, dims: int, pruned: frozenset) -> _Footprint | None:
+        """A region's footprint, memoised on the pruned units inside it (options share regions)."""
+        inside = frozenset(self.region_units(region)) & pruned
+        key = (id(region), channels, dims, inside)
+        if key not in self._region_footprints:
+            parts = []
+            for branch in region.branches:
+                part = self.footprint(list(branch.steps), channels, dims, inside)
+                if part is None:
+                    self._region_footprints[key] = None
+                    return None
+                parts.append(part)
+            self._region_footprints[key] = _Footprint.combine(parts, self.joins[region.join].kind)
+        return self._region_footprints[key]
 
     # -- enumeration
     def spans_of(self, chain: Chain) -> list[Span]:

@@ -1,0 +1,148 @@
+"""merge: exact against the linearized graph, in fp32 and fp64, with the promised conv count."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxmerge
+from fxmerge.plan import Plan
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def randomise_bn(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
+    return model.eval()
+
+
+def conv_nodes(gm):
+    from fxmerge.passes.match import conv_info
+
+    return sum(conv_info(n, gm) is not None for n in gm.graph.nodes)
+
+
+def expected_convs(sg, plan):
+    in_spans = {u for e in plan.chosen(sg) for u in sg.span(e.span).units}
+    return len(plan.entries) + sum(u.id not in in_spans for u in sg.units)
+
+
+def check_model(model, x, plans, tol=1e-4):
+    sg = fxmerge.analyze(model, x)
+    for plan in plans(sg):
+        lin = fxmerge.linearize(model, x, plan, span_graph=sg).eval()
+        merged = fxmerge.merge(lin)
+        with torch.no_grad():
+            reference = lin(x)
+            assert rel(merged(x), reference) <= tol, plan.method
+            if plan.method == "keep_all":
+                assert rel(reference, model(x)) <= tol
+        assert conv_nodes(merged) == expected_convs(sg, plan), plan.method
+
+
+def keep_and_random(count):
+    return lambda sg: [Plan.keep_all(sg)] + [Plan.random(sg, seed=s) for s in range(count)]
+
+
+FAST_ZOO = [("mobilenet_v2", 32), ("squeezenet1_0", 64)]
+
+
+@pytest.mark.parametrize("name,size", FAST_ZOO)
+def test_zoo_fast(name, size):
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = randomise_bn(torchvision.models.get_model(name, **kwargs))
+    check_model(model, torch.randn(1, 3, size, size), keep_and_random(2))
+
+
+def test_resnet18_one_random_plan():
+    torch.manual_seed(0)
+    model = randomise_bn(torchvision.models.resnet18())
+    check_model(model, torch.randn(1, 3, 32, 32), lambda sg: [Plan.random(sg, seed=1)])
+
+
+def _slow_zoo():
+    names = torchvision.models.list_models(module=torchvision.models)
+    skip = ("vit_", "swin", "maxvit")
+    return [n for n in names if not n.startswith(skip)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _slow_zoo())
+def test_zoo_slow(name):
+    torch.manual_seed(0)
+    size = 299 if name == "inception_v3" else 64
+    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    model = randomise_bn(torchvision.models.get_model(name, **kwargs))
+    check_model(model, torch.randn(1, 3, size, size), keep_and_random(3))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(3, 6, 5, stride=2, padding=2)
+        self.bn = nn.BatchNorm1d(6)
+        self.b = nn.Conv1d(6, 6, 3, padding=2, dilation=2)
+        self.c = nn.Conv1d(6, 6, 3, padding=1, groups=3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        return torch.relu(self.c(torch.relu(self.b(y))) + y)
+
+
+def test_conv1d_and_float64_exactness():
+    model = randomise_bn(Conv1dNet()).double()
+    x = torch.randn(2, 3, 41, dtype=torch.float64)
+    check_model(model, x, keep_and_random(6), tol=1e-10)
+
+
+def test_no_plan_folds_batchnorm_only():
+    model = randomise_bn(torchvision.models.mobilenet_v2())
+    x = torch.randn(1, 3, 32, 32)
+    merged = fxmerge.merge(torch.fx.symbolic_trace(model))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in merged.modules())
+    assert conv_nodes(merged) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    with torch.no_grad():
+        assert rel(merged(x), model(x)) <= 1e-5
+
+
+def test_training_mode_is_refused():
+    model = torchvision.models.resnet18().train()
+    with pytest.raises(fxmerge.MergeError, match="eval mode"):
+        fxmerge.merge(torch.fx.symbolic_trace(model))
+
+
+def test_plan_from_another_model_is_refused():
+    model = randomise_bn(torchvision.models.mobilenet_v2())
+    x = torch.randn(1, 3, 32, 32)
+    sg = fxmerge.analyze(model, x)
+    lin = fxmerge.linearize(model, x, Plan.random(sg, seed=2), span_graph=sg).eval()
+    with pytest.raises(fxmerge.PlanError, match="did not choose"):
+        fxmerge.merge(lin, plan=Plan.keep_all(sg))
+
+
+def test_merged_model_exports():
+    model = randomise_bn(torchvision.models.mobilenet_v2())
+    x = torch.randn(1, 3, 32, 32)
+    sg = fxmerge.analyze(model, x)
+    merged = fxmerge.merge(fxmerge.linearize(model, x, Plan.random(sg, seed=0), span_graph=sg).eval())
+    exported = torch.export.export(merged, (x,))
+    with torch.no_grad():
+        assert rel(exported.module()(x), merged(x)) <= 1e-5
+    import io
+
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    torch.onnx.export(merged, (x,), buffer, dynamo=False, opset_version=17)
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert rel(torch.from_numpy(out), merged(x).detach()) <= 1e-4
