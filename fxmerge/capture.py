@@ -298,7 +298,7 @@ def capture(model: nn.Module, example_input) -> Captured:
         propagate_shapes(gm, inputs)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(
-            f"running {name} on the example input failed: {type(exc).__name__}: {exc}. "
+            f"running {name} on the example input failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}. "
             f"Check the example input's shape and dtype (got {[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})."
         ) from exc
     return Captured(gm, inputs, form, leaves, tuple(range(len(inputs))), name)

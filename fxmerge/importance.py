@@ -56,6 +56,7 @@ evaluates nothing.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -335,6 +336,7 @@ def build_importance_table(
         "cache_key": cache_key,
     }
 
+    apply = _Linearizer(base, inputs, span_graph)
     values: dict[str, float] = {}
     nonfinite: list[str] = []
     todo = [e for e in wanted if not _is_identity(span_graph, e)]
@@ -350,8 +352,7 @@ def build_importance_table(
             if delta is None:
                 began = time.perf_counter()
                 est.prepare(cache, key)
-                plan = single_entry_plan(span_graph, entry.id)
-                gm = linearize(base, inputs, plan, span_graph=span_graph)
+                gm = apply(single_entry_plan(span_graph, entry.id), shared=est.shares_parameters)
                 delta = float(est.delta(gm, entry))
                 del gm
                 if cache:
@@ -378,6 +379,8 @@ def build_importance_table(
         "seconds": time.perf_counter() - start,
         **est.stats(),
     }
+    if apply.fallback:
+        info["shared_linearize_failed"] = apply.fallback
     return ImportanceTable(estimator=est.label, entries={e.id: values[e.id] for e in wanted}, info=info)
 
 
@@ -563,16 +566,20 @@ def _needs_labels(name: str, example_inputs: tuple, loaded: _Data | None, what: 
 
 # --------------------------------------------------------------------------- fingerprints
 def _digest(h, tensor: Tensor) -> None:
+    """Shape, dtype, two float64 sums (rounded, so thread counts do not matter) and a strided sample."""
     t = tensor.detach()
     h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
     if t.numel() == 0:
         return
     if t.is_complex():
         t = torch.view_as_real(t)
-    x = t.reshape(-1).to(torch.float64)
-    ramp = torch.linspace(-1.0, 1.0, x.numel(), dtype=torch.float64, device=x.device)
-    stats = torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum(), (x * ramp * ramp).sum(), x[0], x[-1]])
-    h.update(repr([float(s) for s in stats.cpu()]).encode())
+    flat = t.reshape(-1)
+    if not flat.is_floating_point():
+        flat = flat.to(torch.float64)
+    sums = (flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64))
+    h.update(" ".join(f"{float(v):.9g}" for v in sums).encode())
+    sample = flat[:: max(1, flat.numel() // 1024)].to(torch.float64).cpu()
+    h.update(sample.numpy().tobytes())
 
 
 def _fingerprint(named: Iterable[tuple[str, Any]]) -> str:
@@ -647,6 +654,50 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+# --------------------------------------------------------------------------- linearize
+class _Linearizer:
+    """Applies plans to the captured graph.
+
+    ``shared=False`` is :func:`~fxmerge.passes.linearize.linearize` itself: a
+    network with its own copy of every parameter (fine-tuning, user callables).
+    ``shared=True`` (evaluation only) runs ``linearize`` on a copy of the captured
+    model whose tensors live on the ``meta`` device — the rewrite only reads
+    shapes, so nothing of size is copied — and binds the rewritten graph to the
+    captured model's own modules and parameters. Should that fail for some graph
+    (a tensor constant the meta device cannot stand in for), it falls back to the
+    copying path for the rest of the build and says why in ``fallback``.
+    """
+
+    def __init__(self, base: torch.fx.GraphModule, inputs: tuple, span_graph: SpanGraph) -> None:
+        self.base = base
+        self.inputs = inputs
+        self.span_graph = span_graph
+        self.fallback: str | None = None
+        self._shell: torch.fx.GraphModule | None = None
+
+    def __call__(self, plan: Plan, *, shared: bool) -> torch.fx.GraphModule:
+        if shared and self.fallback is None:
+            try:
+                return self._shared(plan)
+            except Exception as exc:  # noqa: BLE001 - the copying path always works
+                self.fallback = f"{type(exc).__name__}: {exc}"
+        return linearize(self.base, self.inputs, plan, span_graph=self.span_graph)
+
+    def _shared(self, plan: Plan) -> torch.fx.GraphModule:
+        if self._shell is None:
+            memo = {
+                id(t): (nn.Parameter(t.to("meta"), t.requires_grad) if isinstance(t, nn.Parameter) else t.to("meta"))
+                for t in (*self.base.parameters(), *self.base.buffers())
+            }
+            self._shell = copy.deepcopy(self.base, memo)
+        meta_inputs = tuple(t.to("meta") if isinstance(t, Tensor) else t for t in self.inputs)
+        rewritten = linearize(self._shell, meta_inputs, plan, span_graph=self.span_graph)
+        gm = torch.fx.GraphModule(self.base, copy.deepcopy(rewritten.graph), type(self.base).__name__)
+        gm.fxmerge_plan = plan
+        gm.fxmerge_span_graph = self.span_graph
+        return gm.eval()
+
+
 # --------------------------------------------------------------------------- reuse
 def _clone(value):
     return value.clone() if isinstance(value, Tensor) else value
@@ -718,6 +769,8 @@ def _same(a, b) -> bool:
 
 
 def _same_tensor(a, b) -> bool:
+    if a is b:
+        return True
     return (
         isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
         and a.device == b.device and torch.equal(a, b)
@@ -725,6 +778,8 @@ def _same_tensor(a, b) -> bool:
 
 
 def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    if a is b:
+        return True
     if type(a) is not type(b) or repr(a) != repr(b):
         return False
     sa, sb = dict(a.named_parameters()), dict(b.named_parameters())
@@ -833,6 +888,7 @@ def _signed(metric: str, value: float, reference: float) -> float:
 # --------------------------------------------------------------------------- estimators
 class _Estimator:
     label: str = ""
+    shares_parameters = False  # evaluation only: the entry's network may share the original's tensors
     reference: float | None = None
     description: str = ""
     data_fingerprint: str | None = None
@@ -849,6 +905,8 @@ class _Estimator:
 
 class _Recorded(_Estimator):
     """Distortion and loss: each batch's original run is recorded once and replayed per entry."""
+
+    shares_parameters = True
 
     def __init__(self, base: torch.fx.GraphModule, data: _Data, options: Mapping) -> None:
         self.base = base

@@ -280,12 +280,7 @@ class _UniformSampler:
                 choices.append((counts[j - 1] * self._region_count(step.region), "parallel", step.region))
             elif step.kind == "fixed":
                 choices.append((counts[j - 1], "fixed", step.region))
-            total = sum(w for w, _, _ in choices)
-            pick = rng.randrange(total)
-            for weight, kind, payload in choices:
-                if pick < weight:
-                    break
-                pick -= weight
+            kind, payload = _weighted_pick(choices, rng)
             if kind == "span":
                 span, option = payload
                 chosen.append(f"{span.id}|{option.id}")
@@ -299,3 +294,13 @@ class _UniformSampler:
                     chosen.append(_keep_option_entry(self.span_graph, self.span_graph.single_unit_span(unit).id))
                 j -= 1
         return chosen
+
+
+def _weighted_pick(choices: list, rng: _random.Random) -> tuple:
+    """``(kind, payload)`` of one of ``(weight, kind, payload)`` drawn with probability ∝ weight."""
+    pick = rng.randrange(sum(weight for weight, _, _ in choices))
+    for weight, kind, payload in choices:
+        if pick < weight:
+            return kind, payload
+        pick -= weight
+    raise AssertionError("unreachable: pick < total weight")

@@ -56,6 +56,15 @@ CONV_FN = {1: F.conv1d, 2: F.conv2d}
 
 
 # ----------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tensors here are tiny: intra-op threads only cost time (a lot on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``max|actual - expected| / max|expected|``."""
     scale = expected.abs().max().item()
@@ -217,7 +226,7 @@ def _draw(seed: int) -> Case:
     n = rng.randint(2, 4)
     c_in = rng.randint(1, 8)
     all_depthwise = rng.random() < 0.25
-    skip = rng.choices(["none", "identity", "projection"], weights=[0.5, 0.25, 0.25])[0]
+    skip = rng.choices(["none", "identity", "projection"], weights=[0.45, 0.25, 0.3])[0]
     same = skip == "identity"
     spatial = _spatial_chain(rng, dims, n, same)
 
@@ -240,11 +249,11 @@ def _draw(seed: int) -> Case:
     skip_convs, skip_bns = [], []
     if skip == "projection":
         # one conv (1x1 or kxk) or a kxk "same" conv then that one, matching stride and length
-        found = []
+        found, smallest = [], rng.random() < 0.5
         for d, (extent, stride, padding) in enumerate(frames):
             target_len = _out_len(size[d], padding, extent, stride)
             options = [(k, p) for k in (1, 2, 3, 5, 7) for p in range(7) if _out_len(size[d], p, k, stride) == target_len]
-            found.append(rng.choice(options) if options else None)
+            found.append(None if not options else min(options) if smallest else rng.choice(options))
         if any(f is None for f in found):
             skip = "none"
         else:

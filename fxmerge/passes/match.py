@@ -45,7 +45,9 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
 _TRANSPARENT_FUNCTIONS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
     torch.dropout, torch.clone, aten.dropout.default, aten.clone.default, aten.alias.default,
+    aten.dropout_.default, aten.feature_dropout.default, aten.feature_dropout_.default,
 }
+_ATEN_DROPOUTS = {aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default, aten.feature_dropout_.default}
 _TRANSPARENT_METHODS = {"clone", "contiguous"}
 _TRANSPARENT_MODULES: tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _TRANSPARENT_MODULE_NAMES = {"DropPath", "StochasticDepth", "DropBlock2d"}
@@ -271,7 +273,7 @@ def is_transparent(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
         if node.target in _TRANSPARENT_FUNCTIONS:
             if node.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
                 return not _arg(node, 2, "training", False)
-            if node.target in (aten.dropout.default, torch.dropout):
+            if node.target in _ATEN_DROPOUTS or node.target is torch.dropout:
                 return not _arg(node, 2, "train", False)
             return True
         return False
@@ -632,5 +634,8 @@ def _boundary_reason(node: torch.fx.Node, gm, modules) -> str:
         return "activation not directly after a conv or join"
     if affine_info(node, gm) is not None:
         return "affine op not directly after a conv or join"
-    target = getattr(node.target, "__name__", str(node.target))
+    if isinstance(node.target, torch._ops.OpOverload):
+        target = node.target.overloadpacket.__name__  # aten.max_pool2d.default -> max_pool2d
+    else:
+        target = getattr(node.target, "__name__", str(node.target))
     return f"{target} is not a conv, affine, activation, join or identity op"

@@ -32,7 +32,7 @@ from torch import nn
 
 from fxmerge import kernels
 from fxmerge.ops import SPAN_CROP, SPAN_END, SPAN_PAD, is_marker
-from fxmerge.passes.match import affine_info, conv_info, is_transparent, join_info, modules_of
+from fxmerge.passes.match import affine_info, conv_info, is_transparent, join_info
 from fxmerge.plan import Plan, PlanError
 
 

@@ -1,0 +1,112 @@
+"""compress end to end on a model trained here on real digits, and its bad-input paths."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fxmerge
+from fxmerge.demo import DigitsNet, digits
+from fxmerge.train import accuracy, finetune
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    train, val = digits(batch_size=128)
+    model = DigitsNet(width=8)
+    finetune(model, train, epochs=3, lr=0.05, progress=False)
+    return model.eval(), train, val
+
+
+@pytest.fixture(scope="module")
+def compressed(trained, tmp_path_factory):
+    model, _, val = trained
+    cache = tmp_path_factory.mktemp("cache")
+    result = fxmerge.compress(
+        model, torch.randn(1, 1, 32, 32), "70%", backend="eager", data=val[:2], cache_dir=cache, progress=False
+    )
+    return result
+
+
+def test_compress_meets_its_prediction_and_merges_exactly(trained, compressed, tmp_path):
+    model, train, val = trained
+    result = compressed
+    report = result.report
+    assert report.predicted_ms <= report.target_ms + 1e-9
+    assert report.convs_after < report.convs_before
+    assert accuracy(model, val) > 0.85
+    finetune(result.model, train[:4], epochs=1, lr=0.01, teacher=model, progress=False)
+    merged = result.merge()
+    x = val[0][0]
+    with torch.no_grad():
+        reference = result.model.eval()(x)
+        assert rel(merged(x), reference) <= 1e-4
+    path = tmp_path / "merged.pt2"
+    torch.export.save(torch.export.export(merged, (x[:1],)), path)
+    loaded = torch.export.load(path).module()
+    with torch.no_grad():
+        assert rel(loaded(x[:1]), reference[:1]) <= 1e-4
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    torch.onnx.export(merged, (x[:1],), buffer, dynamo=False, opset_version=17)
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
+    assert rel(torch.from_numpy(out), reference[:1]) <= 1e-4
+    markdown = report.to_markdown()
+    assert "predicted" in markdown and report.to_dict()["target_ms"] == report.target_ms
+
+
+def test_unreachable_target_names_the_smallest_latency(trained, tmp_path):
+    from fxmerge.solver import InfeasibleBudget
+
+    model, _, val = trained
+    with pytest.raises(InfeasibleBudget, match=r"smallest|minimum"):
+        fxmerge.compress(model, torch.randn(1, 1, 32, 32), 1e-6, backend="eager", data=val[:1], cache_dir=tmp_path, progress=False)
+
+
+def test_untraceable_model_says_why():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.conv(x)
+            return self.conv(-x)
+
+    with pytest.raises(fxmerge.CaptureError, match="cannot trace"):
+        fxmerge.compress(Branchy(), torch.randn(1, 1, 8, 8), "60%", backend="eager", progress=False)
+
+
+def test_wrong_input_shape_is_a_clear_error(trained):
+    model, _, _ = trained
+    with pytest.raises(fxmerge.CaptureError, match="example input"):
+        fxmerge.analyze(model, torch.randn(1, 3, 32, 32))
+
+
+def test_nothing_to_merge_gives_a_report(tmp_path):
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    result = fxmerge.compress(mlp, torch.randn(1, 1, 4, 4), "100%", backend="eager", cache_dir=tmp_path, progress=False)
+    assert result.report.convs_before == 0
+    assert any("nothing to merge" in note for note in result.report.notes)
+    with torch.no_grad():
+        x = torch.randn(2, 1, 4, 4)
+        assert torch.allclose(result.merge()(x), mlp(x))
+
+
+def test_target_parsing():
+    from fxmerge.api import parse_target
+
+    assert parse_target("60%", 10.0) == pytest.approx(6.0)
+    assert parse_target("2.5ms", 10.0) == 2.5
+    assert parse_target(3, 10.0) == 3.0
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_target("fast", 10.0)

@@ -1,0 +1,222 @@
+"""Capture: the user's model is left alone, odd inputs and outputs work, untraceable
+code is kept whole or reported, and the three graph forms give the same span graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxmerge
+from fxmerge.analysis import analyze_captured
+from fxmerge.capture import CaptureError, capture, capture_backend_graph
+from tests.models import TopLevelUntraceable, build, example_input
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- the user's model
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_model_is_not_mutated_or_remoded(train):
+    model = build("basic_block", train=train)
+    modes = {name: m.training for name, m in model.named_modules()}
+    before = _state(model)
+    children = dict(model.named_modules())
+
+    fxmerge.analyze(model, example_input("basic_block"))
+
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    assert dict(model.named_modules()) == children  # no module replaced
+
+
+def test_training_mode_model_is_analysed_in_eval_mode():
+    """BatchNorm folds (eval semantics) even when the user's model is in training mode."""
+    graph = fxmerge.analyze(build("conv_chain", train=True), example_input("conv_chain"))
+    assert all(len(u.affine_nodes) == 1 for u in graph.units)
+    assert len([s for s in graph.spans if len(s.units) > 1]) == 3
+
+
+def test_capture_records_shapes_and_dtypes():
+    captured = capture(build("downsample_block"), example_input("downsample_block"))
+    assert captured.form == "symbolic_trace"
+    shapes = {n.name: n.meta.get("fxmerge_shape") for n in captured.gm.graph.nodes}
+    assert shapes["x"] == (1, 3, 32, 32)
+    assert shapes["conv1"] == (1, 16, 16, 16)
+    assert shapes["downsample_0"] == (1, 16, 16, 16)
+    assert all(
+        n.meta["fxmerge_dtype"] == torch.float32
+        for n in captured.gm.graph.nodes
+        if n.op not in ("output", "get_attr") and "fxmerge_shape" in n.meta
+    )
+
+
+def test_shapes_come_from_the_real_run_when_meta_cannot_run_the_model():
+    """A kept-whole leaf with data-dependent control flow cannot run on the meta device."""
+    captured = capture(build("untraceable_child"), example_input("untraceable_child"))
+    shapes = {n.name: n.meta.get("fxmerge_shape") for n in captured.gm.graph.nodes}
+    assert shapes["gate"] == (1, 8, 16, 16)
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+def test_tuple_inputs():
+    graph = fxmerge.analyze(build("tuple_input"), example_input("tuple_input"))
+    assert graph.input_shapes == ((1, 3, 16, 16), (1, 3, 16, 16))
+    sources = [p.id for p in graph.positions if p.kind == "source"]
+    assert sources == ["src:x", "src:y"]
+    assert graph.unit("conv_x.0").input_position == "src:x"
+    assert graph.unit("conv_y.0").input_position == "src:y"
+    # the two convs meet at an add with no common source: kept as it is, body still merges
+    assert graph.join("add").operands == ("conv_x.0", "conv_y.0")
+    assert any("no common source" in r.reason for r in graph.rejections)
+    assert "add->body.1.0" in {s.id for s in graph.spans}
+
+
+def test_example_input_may_be_a_list():
+    x, y = example_input("tuple_input")
+    graph = fxmerge.analyze(build("tuple_input"), [x, y])
+    assert len(graph.input_shapes) == 2
+
+
+def test_dict_output():
+    graph = fxmerge.analyze(build("dict_output"), example_input("dict_output"))
+    assert graph.position("body.1.0").pinned == "a model output"
+    assert graph.position("head.0").pinned == "a model output"
+    assert graph.rejections == ()
+
+
+def test_namedtuple_output():
+    graph = fxmerge.analyze(build("namedtuple_output"), example_input("namedtuple_output"))
+    assert graph.position("left.0").pinned == "a model output"
+    assert graph.position("right.0").pinned == "a model output"
+    assert graph.rejections == ()  # the namedtuple constructor is output structure, not a boundary
+
+
+def test_bad_example_input_is_a_capture_error():
+    with pytest.raises(CaptureError, match="example input"):
+        fxmerge.analyze(build("conv_chain"), torch.randn(1, 5, 16, 16))
+    with pytest.raises(TypeError, match="example_input"):
+        fxmerge.analyze(build("conv_chain"), "not a tensor")
+
+
+# --------------------------------------------------------------------------- untraceable code
+def test_untraceable_submodule_is_kept_whole_and_reported():
+    model = build("untraceable_child")
+    graph = fxmerge.analyze(model, example_input("untraceable_child"))
+    gate = [r for r in graph.rejections if r.node == "gate"]
+    assert len(gate) == 1
+    assert "untraceable" in gate[0].reason and "control flow" in gate[0].reason
+    # the leaf's output starts a chain; the convs after it still merge
+    assert graph.unit("post.0.0").input_position == "src:gate"
+    assert "src:gate->post.1.0" in {s.id for s in graph.spans}
+    assert graph.position("pre.0").pinned.startswith("read by gate")
+    fxmerge.Plan.random(graph, seed=0).validate(graph)
+
+
+def test_untraceable_top_level_forward_raises_capture_error():
+    with pytest.raises(fxmerge.CaptureError, match=r"own forward.*data-dependent|control flow") as info:
+        fxmerge.analyze(TopLevelUntraceable().eval(), torch.randn(1, 3, 16, 16))
+    assert "torch.export" in str(info.value)  # says what to do instead
+
+
+# --------------------------------------------------------------------------- three graph forms
+def _dynamo_graph(model, x):
+    """The graph and example inputs ``torch.compile`` hands a backend."""
+    graphs = []
+
+    def grab(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    inputs = x if isinstance(x, tuple) else (x,)
+    with torch.no_grad():
+        torch.compile(model, backend=grab)(*inputs)
+    torch._dynamo.reset()
+    assert len(graphs) == 1, "expected no graph break"
+    return graphs[0]
+
+
+def _three_forms(name):
+    model, x = build(name), example_input(name)
+    inputs = x if isinstance(x, tuple) else (x,)
+    traced = fxmerge.analyze(model, x)
+    gm, example_inputs = _dynamo_graph(model, x)
+    captured = capture_backend_graph(gm, example_inputs, name=type(model).__name__)
+    dynamo = analyze_captured(captured)
+    exported_program = torch.export.export(model, inputs)
+    exported = fxmerge.analyze(exported_program, x)
+    exported_module = fxmerge.analyze(exported_program.module(), x)
+    return {"symbolic_trace": traced, "dynamo": dynamo, "export": exported, "export.module()": exported_module}
+
+
+def _structure(graph):
+    return {
+        "entry convs": sorted(e.conv.signature() for e in graph.entries),
+        "positions": [(p.kind, p.activation, p.shape, p.pinned is not None) for p in graph.positions],
+        "unit ids": [u.id for u in graph.units],
+        "join ids": [j.id for j in graph.joins],
+        "position ids": [p.id for p in graph.positions],
+        "span ids": [s.id for s in graph.spans],
+        "entry ids": [e.id for e in graph.entries],
+        "chains": graph.chains,
+        "fingerprint": graph.fingerprint,
+    }
+
+
+FORM_CASES = [
+    "basic_block", "downsample_block", "inverted_residual", "inception", "conv_chain",
+    "functional_activations", "shared_conv", "depthwise_chain", "conv1d_chain", "dict_output",
+    "namedtuple_output", "tuple_input",
+]
+
+
+@pytest.mark.parametrize("name", FORM_CASES)
+def test_three_graph_forms_give_the_same_span_graph(name):
+    """symbolic_trace, a torch.compile backend graph and torch.export agree on
+    everything: entries, positions, and every id (units from weight paths, joins and
+    sources from module paths)."""
+    forms = _three_forms(name)
+    reference = _structure(forms["symbolic_trace"])
+    assert reference["entry convs"]
+    for form, graph in forms.items():
+        structure = _structure(graph)
+        for key, value in reference.items():
+            assert structure[key] == value, f"{form} differs in {key}"
+
+
+def test_backend_graph_parameters_become_constants():
+    model, x = build("inverted_residual"), example_input("inverted_residual")
+    gm, example_inputs = _dynamo_graph(model, x)
+    captured = capture_backend_graph(gm, example_inputs)
+    assert captured.form == "dynamo"
+    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == 1  # only x; every weight and BN statistic is a get_attr now
+    assert captured.runtime_inputs == (next(i for i, t in enumerate(example_inputs) if t.shape == x.shape),)
+    assert torch.allclose(captured.gm(x)[0], model(x), atol=1e-6)
+
+
+def test_export_relu6_and_inplace_ops_are_recognised():
+    model, x = build("inverted_residual"), example_input("inverted_residual")
+    graph = fxmerge.analyze(torch.export.export(model, (x,)), x)
+    assert [u.activation for u in graph.units] == ["relu6", "relu6", "relu6", None, "relu6"]
+    assert graph.rejections == ()  # export's _guards_fn is dropped, not reported
+
+
+def test_reflect_padding_is_a_boundary_in_every_form():
+    """symbolic_trace sees a Conv2d(padding_mode="reflect") (an ineligible unit);
+    torch.compile and torch.export see an explicit reflect pad followed by an unpadded
+    conv, so the pad is the boundary there. Either way no span crosses the padding."""
+    forms = _three_forms("reflect_padding")
+    traced = forms["symbolic_trace"]
+    assert traced.unit("conv_b").ineligible.startswith("padding_mode='reflect'")
+    assert not any("conv_b" in s.units and len(s.units) > 1 for s in traced.spans)
+    for form in ("dynamo", "export"):
+        graph = forms[form]
+        assert any(r.reason.startswith("pad is not") for r in graph.rejections), form
+        assert graph.unit("conv_b").input_position == "src:conv_b", form  # starts at the pad's output
+        assert not any(s.start == "conv_a" and len(s.units) > 1 for s in graph.spans), form
