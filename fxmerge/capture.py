@@ -150,6 +150,18 @@ def _attr_name(node: torch.fx.Node, taken: set[str]) -> str:
         name = re.sub(r"^[lL]_self_", "", node.name)
         name = re.sub(r"(^|_)(modules|parameters|buffers)_", ".", name).strip("._")
         path = name
+        # the placeholder's name lost case and characters such as "-" (RegNet's "block1-0"); the
+        # module path of its first use keeps them: take it when it names the same tensor
+        from fxmerge.passes.match import _clean_path
+
+        stack = node.meta.get("nn_module_stack")
+        leaf = re.search(r"_(?:parameters|buffers)_(\w+?)_?$", node.name)
+        if stack and leaf:
+            owner = list(stack.values())[-1]
+            owner = _clean_path(str(owner[0] if isinstance(owner, tuple) else owner))
+            candidate = f"{owner}.{leaf.group(1)}" if owner else leaf.group(1)
+            if re.sub(r"\W", "_", candidate).lower() == re.sub(r"\W", "_", path).lower():
+                path = candidate
     path = path or node.name
     base, k = path, 1
     while path in taken:
@@ -161,7 +173,7 @@ def _attr_name(node: torch.fx.Node, taken: set[str]) -> str:
 
 def _set_attr(gm: torch.fx.GraphModule, path: str, value: torch.Tensor) -> str:
     """Register ``value`` on ``gm`` under a dotted ``path`` made of plain submodules."""
-    safe = [re.sub(r"\W", "_", part) for part in path.split(".")]
+    safe = [re.sub(r"[^\w\-]", "_", part) for part in path.split(".")]
     module = gm
     for part in safe[:-1]:
         if not hasattr(module, part):

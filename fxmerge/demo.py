@@ -77,7 +77,7 @@ def digits(batch_size: int = 64, seed: int = 0):
     return batches(images[:split], labels[:split]), batches(images[split:], labels[split:])
 
 
-def trained_model(train, epochs: int = 6, progress: bool = True) -> nn.Module:
+def trained_model(train, epochs: int = 4, progress: bool = True) -> nn.Module:
     from fxmerge.train import finetune
 
     path = CACHE / "demo" / "digitsnet.pt"

@@ -264,7 +264,8 @@ def build_importance_table(
     """
     start = time.perf_counter()
     name, fn = _resolve_name(estimator)
-    options = _check_options(name, options)
+    given = dict(options)
+    options = _check_options(name, given)
     captured = capture(model, example_input)
     if captured.name != span_graph.model:
         raise PlanError(
@@ -303,7 +304,8 @@ def build_importance_table(
         )
         if name == "auto":
             name = "loss" if loaded.labelled else "distortion"
-            options = _check_options(name, {k: v for k, v in options.items() if k in DEFAULTS[name]})
+            why = "data= yields (input, label) batches" if loaded.labelled else "data= has no labels"
+            options = _check_options(name, given, why=f"estimator='auto' chose {name!r}: {why}")
         if name in ("loss", "finetune") and not loaded.labelled:
             raise ValueError(_needs_labels(name, inputs, loaded))
     if name == "distortion":
@@ -402,7 +404,7 @@ def _resolve_name(estimator) -> tuple[str, Callable | None]:
     return estimator, None
 
 
-def _check_options(name: str, options: Mapping) -> dict:
+def _check_options(name: str, options: Mapping, why: str = "") -> dict:
     if name == "auto":
         allowed = {**DEFAULTS["distortion"], **DEFAULTS["loss"]}
     else:
@@ -410,7 +412,10 @@ def _check_options(name: str, options: Mapping) -> dict:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         valid = ", ".join(sorted(allowed)) or "none"
-        raise TypeError(f"unknown option(s) {unknown} for importance estimator {name!r}; valid options: {valid}")
+        because = f" ({why})" if why else ""
+        raise TypeError(
+            f"unknown option(s) {unknown} for importance estimator {name!r}{because}; valid options: {valid}"
+        )
     merged = {**allowed, **options}
     if "metric" in merged and merged["metric"] not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {merged['metric']!r}")

@@ -137,6 +137,8 @@ def _rewrite_span(gm: torch.fx.GraphModule, span_graph: SpanGraph, entry: Entry)
     pad = [p for m in reversed(total) for p in (m, m)]
     with gm.graph.inserting_after(start):
         begin = gm.graph.call_function(SPAN_PAD, (start, pad, span.id))
+    start_shape = span_graph.position(span.start).shape
+    begin.meta["fxmerge_shape"] = tuple(start_shape[:2]) + tuple(s + 2 * m for s, m in zip(start_shape[2:], total))
     for (arg, node), required in need.items():
         have = total if arg is start else margin[arg]
         source = begin if arg is start else arg
@@ -153,6 +155,7 @@ def _rewrite_span(gm: torch.fx.GraphModule, span_graph: SpanGraph, entry: Entry)
                 end_pre = replacement
     with gm.graph.inserting_after(end_pre):
         marker = gm.graph.call_function(SPAN_END, (end_pre, span.id))
+    marker.meta["fxmerge_shape"] = end_position.shape
     end_pre.replace_all_uses_with(marker, delete_user_cb=lambda user: user is not marker)
 
 

@@ -128,11 +128,16 @@ def _between(begin: torch.fx.Node, end: torch.fx.Node) -> set[torch.fx.Node]:
 
 
 def _input_channels(begin: torch.fx.Node, region, gm) -> int:
-    for key in ("fxmerge_shape", "val", "example_value", "tensor_meta"):
-        meta = begin.meta.get(key)
-        shape = getattr(meta, "shape", meta)
-        if shape is not None and len(shape) > 1:
-            return int(shape[1])
+    node = begin
+    while isinstance(node, torch.fx.Node):
+        for key in ("fxmerge_shape", "val", "example_value", "tensor_meta"):
+            meta = node.meta.get(key)
+            shape = getattr(meta, "shape", meta)
+            if shape is not None and len(shape) > 1:
+                return int(shape[1])
+        if not (is_marker(node, SPAN_PAD) or is_marker(node, SPAN_END) or is_transparent(node, gm)):
+            break
+        node = node.args[0] if node.args else None
     for node in region:
         info = conv_info(node, gm)
         if info is not None and _resolve(info.input, gm) is begin:
