@@ -332,7 +332,7 @@ def build_importance_table(
         "format": ENTRY_FORMAT,
         "span_graph": span_graph.fingerprint,
         "model": _fingerprint(sorted(base.state_dict().items())),
-        "estimator": est.label,
+        "estimator": "callable" if fn is not None else est.label,  # cache_key names the callable
         "options": _key_options(options),
         "data": est.data_fingerprint,
         "cache_key": cache_key,
