@@ -28,6 +28,7 @@ that cannot be captured) are printed as ``fxmerge: error: ...`` with exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -99,8 +100,10 @@ def load_model(spec: str) -> nn.Module:
     if not name:
         raise CLIError(f"bad model spec {spec!r}: name the factory to call, as in {spec}:build_model")
     if source.endswith(".py") or "/" in source or "\\" in source:
-        module = _import_file(source)
-    else:
+        with _on_path(Path(source).resolve().parent):  # the file may import its neighbours
+            module = _import_file(source)
+            return _call_factory(module, source, name)
+    with _on_path(Path.cwd()):  # as `python -m` would: modules under the working directory
         try:
             module = importlib.import_module(source)
         except ImportError as exc:
@@ -108,6 +111,21 @@ def load_model(spec: str) -> nn.Module:
                 f"bad model spec {spec!r}: cannot import module {source!r} ({exc}); "
                 "use torchvision:NAME, timm:NAME or path/to/file.py:factory"
             ) from exc
+        return _call_factory(module, source, name)
+
+
+@contextlib.contextmanager
+def _on_path(directory: Path):
+    """``directory`` first on ``sys.path`` while importing a model and calling its factory."""
+    entry = str(directory)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)
+
+
+def _call_factory(module, source: str, name: str) -> nn.Module:
     factory = getattr(module, name, None)
     if factory is None:
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
@@ -118,9 +136,15 @@ def load_model(spec: str) -> nn.Module:
     if not callable(factory):
         raise CLIError(f"{source}:{name} is not callable (it is a {type(factory).__name__})")
     try:
-        model = factory()
+        _inspect.signature(factory).bind()
     except TypeError as exc:
-        raise CLIError(f"calling {source}:{name}() failed: {exc} (the factory must take no arguments)") from exc
+        raise CLIError(f"{source}:{name} must take no arguments ({exc})") from exc
+    except ValueError:  # no signature (a builtin): just call it
+        pass
+    try:
+        model = factory()
+    except Exception as exc:
+        raise CLIError(f"calling {source}:{name}() failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise CLIError(f"{source}:{name}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -166,14 +190,11 @@ def _import_file(path: str):
         raise CLIError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
-    sys.path.insert(0, str(file.resolve().parent))  # so the file can import its neighbours
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(module_name, None)
         raise CLIError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        sys.path.remove(str(file.resolve().parent))
     return module
 
 
