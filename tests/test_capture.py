@@ -220,3 +220,42 @@ def test_reflect_padding_is_a_boundary_in_every_form():
         assert any(r.reason.startswith("pad is not") for r in graph.rejections), form
         assert graph.unit("conv_b").input_position == "src:conv_b", form  # starts at the pad's output
         assert not any(s.start == "conv_a" and len(s.units) > 1 for s in graph.spans), form
+
+
+def _torchvision_three_forms(name: str, size: int):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, size, size)
+    traced = fxmerge.analyze(model, x)
+    gm, example_inputs = _dynamo_graph(model, x)
+    dynamo = analyze_captured(capture_backend_graph(gm, example_inputs, name=type(model).__name__))
+    exported = fxmerge.analyze(torch.export.export(model, (x,)), x)
+    return traced, {"dynamo": dynamo, "export": exported}
+
+
+def _assert_same_structure(name, traced, others):
+    reference = _structure(traced)
+    for form, graph in others.items():
+        structure = _structure(graph)
+        for key, value in reference.items():
+            assert structure[key] == value, f"{name}: {form} differs in {key}"
+
+
+def test_three_graph_forms_agree_on_resnet18():
+    traced, others = _torchvision_three_forms("resnet18", 64)
+    assert len(traced.units) == 20 and len(traced.joins) == 8
+    _assert_same_structure("resnet18", traced, others)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "inception_v3",
+             "googlenet", "densenet121", "shufflenet_v2_x0_5", "resnext50_32x4d", "convnext_tiny"],
+)
+def test_three_graph_forms_agree_on_torchvision(name):
+    """Everything but the pinned reasons and rejections (which quote node and op
+    names, e.g. MaxPool2d vs max_pool2d) is identical across the three forms."""
+    traced, others = _torchvision_three_forms(name, 96 if name == "inception_v3" else 64)
+    _assert_same_structure(name, traced, others)

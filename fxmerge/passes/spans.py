@@ -194,7 +194,7 @@ def _region_problem(graph, join: Join, a: str, b: str, positions) -> str | None:
             if len(entries) != 1:
                 return "a branch leaves the source through several edges"
     if len(inside) == 2 and all(o == a for o in join.operands):
-        return "joins a tensor with itself"
+        return "a cat of a single tensor" if len(join.operands) == 1 else "joins a tensor with itself"
     return None
 
 
