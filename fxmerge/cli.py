@@ -31,10 +31,12 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import inspect as _inspect
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -184,7 +186,9 @@ def _import_file(path: str):
         raise CLIError(f"{path} is not a Python file (expected path/to/file.py:factory)")
     if not file.is_file():
         raise CLIError(f"no such file: {path}")
-    module_name = f"_fxmerge_user_{abs(hash(str(file.resolve())))}"
+    digest = hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:8]
+    stem = re.sub(r"\W", "_", file.stem)
+    module_name = f"_fxmerge_user_{stem}_{digest}"
     spec = importlib.util.spec_from_file_location(module_name, file)
     if spec is None or spec.loader is None:
         raise CLIError(f"cannot import {path}")

@@ -129,10 +129,23 @@ def main(argv=None) -> int:
     accuracy_before = accuracy(model, val)
     example = torch.randn(1, 1, 32, 32)
 
-    backend = get_backend("onnxruntime")
-    result = fxmerge.compress(
-        model, example, args.target, backend=backend, data=val[:4], cache_dir=CACHE, progress=progress
-    )
+    from fxmerge.solver import InfeasibleBudget
+
+    # one thread: on a small shared machine, ORT's spinning worker threads make timings erratic
+    backend = get_backend("onnxruntime", threads=1)
+    target = args.target
+
+    def run(target):
+        return fxmerge.compress(
+            model, example, target, backend=backend, data=val[:4], cache_dir=CACHE, progress=progress, max_kernel=9
+        )
+
+    try:
+        result = run(target)
+    except InfeasibleBudget as exc:
+        print(f"note: {exc}\nnote: compressing to the smallest achievable latency instead")
+        target = exc.suggested_ms
+        result = run(target)
     accuracy_linearized = accuracy(result.model, val)
     finetune(result.model, train, epochs=args.finetune_epochs, lr=0.01, teacher=model, progress=progress)
     accuracy_after = accuracy(result.model, val)
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
         ("accuracy (val)", f"{accuracy_before:.1%} original", f"{accuracy_linearized:.1%} linearized → {accuracy_after:.1%} fine-tuned"),
         ("convs", f"{report.convs_before}", f"{report.convs_after} ({report.activations_removed} activations removed)"),
         ("latency, onnxruntime", f"{original:.3f} ms measured", f"{report.predicted_ms:.3f} ms predicted, {compressed:.3f} ms measured"),
-        ("target", f"{args.target} = {report.target_ms:.3f} ms", ""),
+        ("target", f"{args.target} = {report.target_ms:.3f} ms" if target == args.target else f"{report.target_ms:.3f} ms (smallest)", ""),
         ("speed-up (measured)", "", f"{original / compressed:.2f}× (BatchNorm folded in both)"),
         ("merge exactness", "", f"max|Δ|/max|ref| = {exact:.1e}"),
         ("files", str(out), "plan.json report.json report.md linearized_weights.pt merged.pt2 merged.onnx"),

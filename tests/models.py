@@ -122,8 +122,10 @@ class FunctionalActivations(nn.Module):
 class ReflectPadding(nn.Module):
     """``conv_a → relu → conv_b (padding_mode="reflect") → relu → conv_c → relu``.
 
-    ``conv_b`` is ineligible (only zero padding can move in front of a span), so the
-    only multi-unit span is none at all: a span over ``conv_b`` would have to merge it.
+    ``conv_b`` is ineligible (only zero padding can move in front of a span), so no
+    span merges it with a neighbour: the model has single-unit spans only. (In
+    ``torch.compile`` and ``torch.export`` graphs the reflect padding is an explicit
+    ``pad`` op before an unpadded conv; the pad is the boundary there.)
     """
 
     def __init__(self):
