@@ -55,13 +55,11 @@ evaluates nothing.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +77,7 @@ from tqdm.auto import tqdm
 
 from fxmerge.capture import capture
 from fxmerge.ir import Entry, SpanGraph
+from fxmerge.latency.cache import write_atomic
 from fxmerge.passes.linearize import linearize
 from fxmerge.plan import Plan, PlanError
 
@@ -176,7 +175,7 @@ class ImportanceTable:
         """Write the table as JSON (atomically)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, json.dumps(self.to_dict(), indent=1))
+        write_atomic(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod
@@ -643,20 +642,9 @@ class _EntryCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         stored = delta if math.isfinite(delta) else str(delta)  # "nan" / "-inf": JSON has no such numbers
         payload = {"format": ENTRY_FORMAT, "key": fields, "delta": stored, "seconds": seconds}
-        _write_atomic(self.path(fields), json.dumps(payload, indent=1, sort_keys=True))
+        write_atomic(self.path(fields), json.dumps(payload, indent=1, sort_keys=True))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- linearize

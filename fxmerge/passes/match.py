@@ -400,6 +400,17 @@ def _activation_name(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str 
     return "relu6" if bounds == (0.0, 6.0) else name
 
 
+def _claim(claimed: dict, owner: str, node, affines, activation_node) -> None:
+    """Record that ``node``, its affines (and their helper nodes) and its activation belong to ``owner``."""
+    claimed[node] = owner
+    for affine in affines:
+        claimed[affine.node] = owner
+        for extra in affine.extra_nodes:
+            claimed[extra] = owner
+    if activation_node is not None:
+        claimed[activation_node] = owner
+
+
 def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
     """Label the units, joins, positions and boundaries of a captured graph."""
     modules = modules_of(gm)
@@ -434,13 +445,7 @@ def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
             affines, act_node, act, last = _extend(node, gm)
             convs[unit_id] = info
             unit_parts.append((unit_id, info, affines, act_node, act, last))
-            claimed[node] = unit_id
-            for a in affines:
-                claimed[a.node] = unit_id
-                for extra in a.extra_nodes:
-                    claimed[extra] = unit_id
-            if act_node is not None:
-                claimed[act_node] = unit_id
+            _claim(claimed, unit_id, node, affines, act_node)
             continue
         joined = join_info(node)
         if joined is not None:
@@ -448,13 +453,7 @@ def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> Matched:
             affines, act_node, act, last = _extend(node, gm)
             join_id = stable_id(kind, node)
             join_parts.append((join_id, kind, node, operands, problem, affines, act_node, act, last))
-            claimed[node] = join_id
-            for a in affines:
-                claimed[a.node] = join_id
-                for extra in a.extra_nodes:
-                    claimed[extra] = join_id
-            if act_node is not None:
-                claimed[act_node] = join_id
+            _claim(claimed, join_id, node, affines, act_node)
 
     output_nodes: dict[torch.fx.Node, tuple[str, str]] = {}
     for unit_id, _, _, _, _, last in unit_parts:
