@@ -32,7 +32,7 @@ def analyze_captured(
     matched = match(captured.gm, exclude=tuple(exclude or ()))
     shapes = [tuple(t.shape) for t in captured.example_inputs if isinstance(t, torch.Tensor)]
     graph = span_graph(
-        matched, model=captured.name, input_shapes=shapes, rules="general", max_kernel=max_kernel,
+        matched, model=captured.name, input_shapes=shapes, rules=rules, max_kernel=max_kernel,
         weight_norms=weight_norms(captured, matched),
     )
     if rules == "paper":

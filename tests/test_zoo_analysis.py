@@ -17,7 +17,8 @@ import pytest
 import torch
 import torchvision
 
-import fxmerge
+from fxmerge.analysis import analyze_captured
+from fxmerge.capture import capture
 from fxmerge.plan import Plan
 
 CLASSIFICATION = torchvision.models.list_models(module=torchvision.models)
@@ -56,8 +57,10 @@ def check(name: str, record_property=None) -> None:
     size = input_size(name)
     x = torch.randn(1, 3, size, size)
     start = time.perf_counter()
-    graph = fxmerge.analyze(model, x)
+    captured = capture(model, x)
+    graph = analyze_captured(captured)
     seconds = time.perf_counter() - start
+    paper = analyze_captured(captured, rules="paper")
     if record_property is not None:
         record_property("analyze_seconds", round(seconds, 2))
     del model
@@ -65,6 +68,8 @@ def check(name: str, record_property=None) -> None:
 
     Plan.keep_all(graph).validate(graph)
     Plan.random(graph, seed=0).validate(graph)
+    Plan.random(paper, seed=0).validate(paper)
+    assert {s.id for s in paper.spans} <= {s.id for s in graph.spans}
 
     assert len(graph.spans) >= len(graph.units)  # every unit has its single-unit span
     shapes = {p.id: p.shape for p in graph.positions}

@@ -49,6 +49,12 @@ from fxmerge.passes.match import Matched
 
 _ROOT = "__root__"
 
+OPTION_KEYS = {
+    "general": lambda spec: (spec.kernel_size, spec.stride, spec.groups),
+    "paper": lambda spec: (spec.kernel_size, spec.stride, spec.is_depthwise),
+}
+"""Options of a span that give the same key are one option (the largest summed |weight| wins)."""
+
 
 @dataclass(frozen=True)
 class _Footprint:
@@ -98,7 +104,11 @@ class _Footprint:
 
 
 def span_graph(matched: Matched, *, model: str, input_shapes, rules: str = "general", max_kernel: int = 15, max_units: int = 12, weight_norms: dict[str, float] | None = None) -> SpanGraph:
-    """Build the span graph of a matched graph (``rules="general"``; see ``rules.py`` for "paper")."""
+    """Build the span graph of a matched graph.
+
+    ``rules`` picks how options are deduplicated (:data:`OPTION_KEYS`); the paper's
+    restrictions on spans are applied afterwards by ``rules.paper_rules``.
+    """
     units = {u.id: u for u in matched.units}
     joins = {j.id: j for j in matched.joins}
     positions = {p.id: p for p in matched.positions}
@@ -122,7 +132,7 @@ def span_graph(matched: Matched, *, model: str, input_shapes, rules: str = "gene
 
     # regions are mergeable when everything inside is
     spans: list[Span] = []
-    enumerator = _SpanEnumerator(units, joins, positions, pinned, max_kernel, max_units, norms)
+    enumerator = _SpanEnumerator(units, joins, positions, pinned, max_kernel, max_units, norms, OPTION_KEYS[rules])
     for chain in builder.all_chains:
         spans.extend(enumerator.spans_of(chain))
     position_list = tuple(
@@ -305,7 +315,7 @@ class _ChainBuilder:
 
 # --------------------------------------------------------------------- spans
 class _SpanEnumerator:
-    def __init__(self, units, joins, positions, pinned, max_kernel, max_units, norms):
+    def __init__(self, units, joins, positions, pinned, max_kernel, max_units, norms, option_key):
         self.units: dict[str, Unit] = units
         self.joins: dict[str, Join] = joins
         self.positions: dict[str, Position] = positions
@@ -313,6 +323,7 @@ class _SpanEnumerator:
         self.max_kernel = max_kernel
         self.max_units = max_units
         self.norms = norms
+        self.option_key = option_key
         self._mergeable: dict[int, bool] = {}
         self._region_footprints: dict[tuple, _Footprint | None] = {}
 
@@ -469,7 +480,7 @@ class _SpanEnumerator:
             )
             if end.shape and spec.output_shape != tuple(end.shape):
                 continue
-            key = (spec.kernel_size, spec.stride, spec.groups)
+            key = self.option_key(spec)
             score = sum(self.norms.get(u, 1.0) for u in unit_ids if u not in pruned)
             if key not in best or score > best[key][0] or (score == best[key][0] and not pruned):
                 best[key] = (score, pruned, spec)
