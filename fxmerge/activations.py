@@ -12,7 +12,6 @@ with the activation that closes its span.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -138,18 +137,6 @@ def build(name: str | None) -> nn.Module:
         return _REGISTRY[name].factory()
     except KeyError:
         raise KeyError(f"unknown activation {name!r}; register it with fxmerge.register_activation") from None
-
-
-def module_from_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> nn.Module:
-    """The activation a node computes, as a standalone module with its own parameters.
-
-    Used to time a span's closing activation with its real settings (a PReLU's
-    slopes, a LeakyReLU's negative slope); falls back to the registry default.
-    """
-    if node.op == "call_module":
-        return copy.deepcopy(modules[node.target])
-    name = classify(node, modules)
-    return build(name)
 
 
 def names() -> tuple[str, ...]:

@@ -197,6 +197,32 @@ def compress(
     return CompressResult(model=linearized, plan=plan, report=report, span_graph=span_graph)
 
 
+def export_merged(merged: nn.Module, example_input, directory) -> tuple[Path, Path]:
+    """Write ``merged.pt2`` (``torch.export``) and ``merged.onnx`` for a merged model into ``directory``.
+
+    The ONNX file comes from the exporter the latency backends use (TorchScript
+    exporter, dynamo exporter as the fallback). Returns the two paths.
+    """
+    from fxmerge.latency.backends import as_inputs, export_onnx
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    inputs = as_inputs(example_input)
+    was_training = merged.training
+    merged.eval()
+    try:
+        program = torch.export.export(merged, inputs)
+        names = [f"input_{k}" for k, value in enumerate(inputs) if isinstance(value, torch.Tensor)]
+        onnx_bytes = export_onnx(merged, inputs, names)
+    finally:
+        merged.train(was_training)
+    pt2 = directory / "merged.pt2"
+    torch.export.save(program, pt2)
+    onnx_path = directory / "merged.onnx"
+    onnx_path.write_bytes(onnx_bytes)
+    return pt2, onnx_path
+
+
 def _eval_copy(model: nn.Module) -> nn.Module:
     import copy
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
@@ -117,6 +116,7 @@ def main(argv=None) -> int:
     progress = not args.no_progress
 
     import fxmerge
+    from fxmerge.api import export_merged
     from fxmerge.latency import get_backend
     from fxmerge.passes.merge import merge
     from fxmerge.train import accuracy, finetune
@@ -161,11 +161,8 @@ def main(argv=None) -> int:
     result.plan.save(out / "plan.json")
     (out / "report.json").write_text(json.dumps(result.report.to_dict(), indent=2) + "\n")
     (out / "report.md").write_text(result.report.to_markdown())
-    torch.save(result.model.state_dict(), out / "linearized_weights.pt")
-    torch.export.save(torch.export.export(merged, (example,)), out / "merged.pt2")
-    buffer = io.BytesIO()
-    torch.onnx.export(merged, (example,), buffer, dynamo=False, opset_version=17)
-    (out / "merged.onnx").write_bytes(buffer.getvalue())
+    torch.save(result.model.state_dict(), out / "linearized.pt")
+    export_merged(merged, example, out)
 
     report = result.report
     rows = [
@@ -175,7 +172,7 @@ def main(argv=None) -> int:
         ("target", f"{args.target} = {report.target_ms:.3f} ms" if target == args.target else f"{report.target_ms:.3f} ms (smallest)", ""),
         ("speed-up (measured)", "", f"{original / compressed:.2f}× (BatchNorm folded in both)"),
         ("merge exactness", "", f"max|Δ|/max|ref| = {exact:.1e}"),
-        ("files", str(out), "plan.json report.json report.md linearized_weights.pt merged.pt2 merged.onnx"),
+        ("files", str(out), "plan.json report.json report.md linearized.pt merged.pt2 merged.onnx"),
     ]
     width = max(len(r[0]) for r in rows)
     print()

@@ -1,9 +1,10 @@
-"""The ``fxmerge`` command: model specs, ``inspect`` output, and clean errors."""
+"""The ``fxmerge`` command: model specs, ``inspect``, ``compress`` → ``merge`` → ``bench`` end to end, and clean errors."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,21 @@ def test_load_segmentation_model_downloads_nothing():
 def test_load_model_errors(spec, message):
     with pytest.raises(CLIError, match=message.replace("(", r"\(")):
         load_model(spec)
+
+
+def test_models_are_built_under_a_fixed_seed(tmp_path):
+    import torch
+
+    file = tmp_path / "unseeded.py"
+    file.write_text("from torch import nn\n\ndef build():\n    return nn.Conv2d(3, 4, 3)\n")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first, second = load_model(f"{file}:build"), load_model(f"{file}:build")
+    assert torch.equal(first.weight, second.weight)  # so merge rebuilds what compress planned for
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state is left alone
+    a, b = load_model("torchvision:resnet18"), load_model("torchvision:resnet18")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_factory_must_return_a_module(tmp_path):
@@ -129,12 +145,6 @@ def test_user_errors_exit_2_without_traceback(capsys):
     assert status == 2 and "fxmerge: error: cannot trace TopLevelUntraceable" in err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fxmerge.passes.rules") is not None, reason="paper rules exist")
-def test_paper_rules_missing_is_a_clean_error(capsys):
-    status, _, err = run(capsys, "inspect", f"{MODELS}:ConvChain", "--input-shape", "1,3,16,16", "--rules", "paper")
-    assert status == 2 and "rules='paper' is not available" in err
-
-
 def test_argument_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["inspect", "torchvision:resnet18", "--input-shape", "1,3,a"])
@@ -153,3 +163,276 @@ def test_python_dash_m():
         [sys.executable, "-m", "fxmerge", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.returncode == 0 and result.stdout.startswith("fxmerge ")
+
+
+# --------------------------------------------------------------------------- compress, merge, bench
+TINY = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Tiny(nn.Module):
+    """stem, a residual block, one more conv, then a 3-way linear head."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.tail = conv_bn(8, 8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = F.relu(self.bn1(self.conv1(s)))
+        y = F.relu(self.bn2(self.conv2(y)) + s)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.tail(y), 1), 1))
+
+
+class Segmenter(Tiny):
+    def forward(self, x):
+        return self.tail(self.stem(x))
+
+
+def build():
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def two_classes():
+    torch.manual_seed(0)
+    return Tiny(classes=2)
+
+
+def segmenter():
+    return Segmenter()
+'''
+SHAPE = ("--input-shape", "1,3,16,16")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    file = tmp_path_factory.mktemp("model") / "tiny.py"
+    file.write_text(TINY)
+    return f"{file}:build"
+
+
+def flops_backend(name, **settings):
+    """Deterministic timings for tests that check what the solver chose (see test_api.FlopsBackend)."""
+    from tests.test_api import FlopsBackend
+
+    return FlopsBackend()
+
+
+@pytest.fixture
+def flops(monkeypatch):
+    monkeypatch.setattr("fxmerge.cli.latency_backend", flops_backend)
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny, tmp_path_factory):
+    """``fxmerge compress`` run once: (output directory, stdout, stderr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    out = tmp_path_factory.mktemp("compressed")
+    cache = tmp_path_factory.mktemp("cache")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
+        patch.setattr("fxmerge.cli.latency_backend", flops_backend)
+        status = main([
+            "compress", tiny, *SHAPE, "--target", "60%", "--cache-dir", str(cache), "--out", str(out), "--no-progress",
+        ])
+    assert status == 0, stderr.getvalue()
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+def _pt2_outputs(path, x):
+    import torch
+
+    with torch.no_grad():
+        return torch.export.load(path).module()(x)
+
+
+def test_compress_writes_six_files(tiny, compressed):
+    import onnxruntime as ort
+    import torch
+
+    import fxmerge
+
+    out, stdout, stderr = compressed
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["plan.json", "report.json", "report.md", "linearized.pt", "merged.pt2", "merged.onnx"]
+    )
+    plan = fxmerge.Plan.load(out / "plan.json")
+    report = json.loads((out / "report.json").read_text())
+    assert plan.model == report["model"] == "Tiny"
+    assert report["predicted_ms"] <= report["target_ms"] and report["convs_after"] < report["convs_before"] == 4
+    assert report["settings"]["input_shape"] == "1,3,16,16" and report["merge_relative_error"] <= 1e-5
+    assert "no --data" in report["notes"][-1] and "no --data" in (out / "report.md").read_text()
+    assert "no --data" in stderr and "importance was estimated data-free" in stderr
+
+    # linearized.pt holds plain tensors and rebuilds the linearized model; merged.pt2/.onnx compute it
+    model = load_model(tiny)
+    x = torch.randn(2, 3, 16, 16)
+    x1 = x[:1]
+    linear = fxmerge.linearize(model, x1, plan)
+    linear.load_state_dict(torch.load(out / "linearized.pt", weights_only=True))
+    with torch.no_grad():
+        reference = linear.eval()(x1)
+    got = _pt2_outputs(out / "merged.pt2", x1)
+    assert float((got - reference).abs().max() / reference.abs().max()) <= 1e-5
+    session = ort.InferenceSession(str(out / "merged.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x1.numpy()})
+    assert float((torch.from_numpy(onnx_out) - reference).abs().max() / reference.abs().max()) <= 1e-4
+
+    table = stdout.splitlines()
+    assert table[0].split() == ["original", "compressed"]
+    assert any(line.startswith("convs") and f"{report['convs_after']} (" in line for line in table)
+    assert any(line.startswith("target") and "60%" in line for line in table)
+    assert "merged.pt2 merged.onnx" in stdout and "fxmerge bench" in stdout
+
+
+def test_merge_rebuilds_the_merged_model(tiny, compressed, tmp_path, capsys):
+    import torch
+
+    out, _, _ = compressed
+    status, stdout, stderr = run(
+        capsys, "merge", tiny, "--plan", str(out / "plan.json"), "--weights", str(out / "linearized.pt"),
+        "--out", str(tmp_path),
+    )
+    assert status == 0, stderr
+    assert "using --input-shape 1,3,16,16" in stderr  # read from report.json beside the plan
+    assert "max|Δ|/max|ref|" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.onnx", "merged.pt2"]
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.allclose(_pt2_outputs(tmp_path / "merged.pt2", x), _pt2_outputs(out / "merged.pt2", x), atol=1e-6)
+
+
+def test_bench_merged_prints_a_speedup(tiny, compressed, capsys):
+    out, _, _ = compressed
+    fast = ("--backend", "eager", "--runs", "3", "--threads", "1", "--rounds", "2", "--no-progress")
+    status, stdout, stderr = run(capsys, "bench", tiny, "--merged", str(out / "merged.pt2"), *fast)
+    assert status == 0, stderr
+    assert "original (BatchNorm folded, exported)" in stdout and "speed-up" in stdout
+    assert re.search(r"speed-up\s+\d+\.\d\d×", stdout)
+    status, stdout, _ = run(capsys, "bench", tiny, "--plan", str(out / "plan.json"), *fast, "--json")
+    data = json.loads(stdout)
+    assert status == 0 and data["input_shape"] == "1,3,16,16" and data["rounds"] == 2
+    assert data["speedup"] == pytest.approx(data["original_ms"] / data["merged_ms"])
+    status, stdout, _ = run(capsys, "bench", tiny, *SHAPE, *fast, "--json")
+    assert status == 0 and "merged_ms" not in json.loads(stdout) and json.loads(stdout)["original_ms"] > 0
+
+
+def test_compress_with_data_finetunes(tiny, flops, tmp_path, capsys):
+    from tests.test_data import make_image_folder
+
+    data = make_image_folder(tmp_path / "images", train=4, val=2)
+    out = tmp_path / "out"
+    status, stdout, stderr = run(
+        capsys, "compress", tiny, *SHAPE, "--target", "80%", "--data", str(data), "--finetune-epochs", "1",
+        "--batch-size", "4", "--workers", "0", "--distill", "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(out), "--no-progress",
+    )
+    assert status == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["accuracy"]) == {"original", "linearized", "fine-tuned"}
+    assert report["settings"]["finetune_epochs"] == 1 and not any("no --data" in n for n in report["notes"])
+    assert "## Accuracy (top-1, 6 validation images)" in (out / "report.md").read_text()
+    assert "fine-tuning the linearized model for 1 epoch(s) with distillation" in stderr
+    assert re.search(r"accuracy \(val, 6\)\s+\d+\.\d%\s+\d+\.\d% linearized → \d+\.\d% fine-tuned", stdout)
+
+
+# --------------------------------------------------------------------------- compress, merge, bench: errors
+def test_missing_data_directory(tiny, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    status, _, err = run(capsys, "compress", tiny, *SHAPE, "--target", "60%", "--data", str(missing), "--out", str(tmp_path / "o"))
+    assert status == 2 and err.startswith(f"fxmerge: error: data directory {missing} does not exist")
+    assert "DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE" in err and "Traceback" not in err
+
+
+def test_data_without_val(tiny, tmp_path, capsys):
+    from tests.test_data import make_image_folder
+
+    data = make_image_folder(tmp_path / "images", splits=("train",))
+    status, _, err = run(capsys, "compress", tiny, *SHAPE, "--target", "60%", "--data", str(data), "--out", str(tmp_path / "o"))
+    assert status == 2 and f"data directory {data} has no val/ folder" in err
+
+
+def test_data_with_more_classes_than_outputs(tmp_path, capsys):
+    from tests.test_data import make_image_folder
+
+    file = tmp_path / "tiny.py"
+    file.write_text(TINY)
+    data = make_image_folder(tmp_path / "images", train=1, val=1)
+    common = (*SHAPE, "--target", "60%", "--data", str(data), "--workers", "0", "--out", str(tmp_path / "o"))
+    status, _, err = run(capsys, "compress", f"{file}:two_classes", *common)
+    assert status == 2 and "has 3 classes but the model has only 2 outputs" in err
+    status, _, err = run(capsys, "compress", f"{file}:segmenter", *common)
+    assert status == 2 and "--data fine-tunes a classifier" in err
+
+
+def test_unreachable_target_names_the_smallest_latency(tiny, flops, tmp_path, capsys):
+    status, _, err = run(
+        capsys, "compress", tiny, *SHAPE, "--target", "0.0001ms", "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(tmp_path / "o"), "--no-progress",
+    )
+    assert status == 2
+    found = re.search(r"--target 0.0001ms cannot be met on flops: the smallest achievable latency is ([\d.]+) ms; use --target ([\d.]+)ms", err)
+    assert found, err
+    smallest, suggested = map(float, found.groups())
+    assert 0.0001 < smallest <= suggested
+
+
+@pytest.mark.parametrize(("target", "message"), [("fast", "cannot read target 'fast'"), ("0%", "outside"), ("-3", "must be positive")])
+def test_bad_target(tiny, tmp_path, capsys, target, message):
+    with pytest.raises(SystemExit) as info:
+        main(["compress", tiny, *SHAPE, "--target", target, "--out", str(tmp_path)])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_wrong_input_shape(tiny, tmp_path, capsys):
+    status, _, err = run(capsys, "compress", tiny, "--input-shape", "1,4,16,16", "--target", "60%", "--out", str(tmp_path))
+    assert status == 2 and "running Tiny on the example input failed" in err
+
+
+def test_importance_that_needs_labels_needs_data(tiny, tmp_path, capsys):
+    status, _, err = run(capsys, "compress", tiny, *SHAPE, "--target", "60%", "--importance", "loss", "--out", str(tmp_path))
+    assert status == 2 and "--importance loss needs labelled data: pass --data DIR" in err
+
+
+def test_merge_errors(tiny, compressed, tmp_path, capsys):
+    out, _, _ = compressed
+    plan = ("--plan", str(out / "plan.json"))
+    status, _, err = run(capsys, "merge", f"{MODELS}:ConvChain", *plan, "--out", str(tmp_path))
+    assert status == 2 and "this plan was made for model 'Tiny', not 'ConvChain'" in err
+    status, _, err = run(capsys, "merge", tiny, *plan, "--input-shape", "1,3,32,32", "--out", str(tmp_path))
+    assert status == 2 and "plan is stale" in err and "--input-shape 1,3,32,32" in err
+    status, _, err = run(capsys, "merge", tiny, "--plan", str(tmp_path / "none.json"), "--out", str(tmp_path))
+    assert status == 2 and "no plan file at" in err
+    import torch
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"stem.0.weight": torch.zeros(1)}, bad)
+    status, _, err = run(capsys, "merge", tiny, *plan, "--weights", str(bad), "--out", str(tmp_path))
+    assert status == 2 and "do not fit the linearized model" in err and "wrong shape (stem.0.weight" in err
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    status, _, err = run(capsys, "merge", tiny, *plan, "--weights", str(tmp_path / "junk.pt"), "--out", str(tmp_path))
+    assert status == 2 and "cannot read" in err and "state_dict" in err
+
+
+def test_bench_errors(tiny, compressed, capsys):
+    out, _, _ = compressed
+    status, _, err = run(capsys, "bench", tiny, "--merged", str(out / "merged.pt2"), "--input-shape", "1,3,32,32")
+    assert status == 2 and "was exported for input 1,3,16,16, not --input-shape 1,3,32,32" in err
+    status, _, err = run(capsys, "bench", tiny, "--merged", str(out / "nothing.pt2"))
+    assert status == 2 and "no such file" in err
+    status, _, err = run(capsys, "bench", tiny, *SHAPE, "--backend", "tensorrt", "--device", "cpu")
+    assert status == 2 and "fxmerge: error:" in err
