@@ -100,7 +100,7 @@ class Counting:
     def __init__(self, backend: LatencyBackend) -> None:
         self.inner = backend
         self.calls = 0
-        for attr in ("name", "version", "device", "device_name", "threads", "dtype"):
+        for attr in ("name", "version", "device", "device_name", "threads", "dtype", "policy"):
             setattr(self, attr, getattr(backend, attr))
 
     def measure(self, module, example_input) -> Measurement:
@@ -313,6 +313,19 @@ def test_cache_is_keyed_on_the_backend_settings(tmp_path) -> None:
     newer.version = "2.0"
     build_latency_table(graph, newer, cache_dir=tmp_path, progress=False)
     assert newer.calls == 1
+
+
+def test_cache_is_keyed_on_the_timing_policy(tmp_path) -> None:
+    spec = conv(cin=4, cout=8, hw=8)
+    graph = span_graph([spec])
+    quick = Counting(get_backend("eager", threads=1, runs=2, warmup=0))
+    build_latency_table(graph, quick, cache_dir=tmp_path, progress=False)
+    careful = Counting(get_backend("eager", threads=1, runs=5, warmup=1))
+    build_latency_table(graph, careful, cache_dir=tmp_path, progress=False)
+    assert quick.calls == careful.calls == 1  # a quick measurement never stands in for a careful one
+    again = Counting(get_backend("eager", threads=1, runs=5, warmup=1))
+    build_latency_table(graph, again, cache_dir=tmp_path, progress=False)
+    assert again.calls == 0
 
 
 def test_corrupt_cache_file_is_measured_again(tmp_path) -> None:

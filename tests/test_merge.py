@@ -1,5 +1,6 @@
 """merge: exact against the linearized graph, in fp32 and fp64, with the promised conv count."""
 
+import copy
 import inspect
 
 import pytest
@@ -54,10 +55,30 @@ def check_model(model, x, plans, tol=1e-4):
         merged = fxmerge.merge(lin)
         with torch.no_grad():
             reference = lin(x)
-            assert rel(merged(x), reference) <= tol, plan.method
+            error = rel(merged(x), reference)
+            if error > tol and x.dtype == torch.float32:
+                error = float64_error(lin, x, error)
+            assert error <= tol, plan.method
             if plan.method == "keep_all":
                 assert rel(reference, model(x)) <= tol
         assert conv_nodes(merged) == expected_convs(sg, plan), plan.method
+
+
+def float64_error(lin, x, error32):
+    """The merge error in float64, for a plan whose linearized network is ill-conditioned in fp32.
+
+    A random plan on a deep random-init network can drop so many activations that the
+    network itself amplifies rounding (EfficientNetV2's gates saturate on 1e5-sized
+    inputs): its own fp32 forward then disagrees with its fp64 forward by more than the
+    tolerance, and no fp32 merge could match it. Such a plan is checked in float64,
+    where rounding is 1e-16; a well-conditioned one keeps the fp32 result.
+    """
+    lin64 = copy.deepcopy(lin).double()
+    reference64 = lin64(x.double())
+    conditioning = rel(lin(x).double(), reference64)
+    if conditioning <= error32 / 10:
+        return error32  # fp32 itself is accurate here: the merge error is real
+    return rel(fxmerge.merge(lin64)(x.double()), reference64)
 
 
 def keep_and_random(count):

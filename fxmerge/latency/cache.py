@@ -14,6 +14,7 @@ The default directory is ``$FXMERGE_CACHE_DIR/latency``, else
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,6 +47,8 @@ def key_fields(signature: str, backend: LatencyBackend, batch_size: int) -> dict
         "dtype": str(backend.dtype).removeprefix("torch."),
         "batch_size": int(batch_size),
         "threads": int(backend.threads),
+        # a quick, low-run measurement must not stand in for a careful one
+        "policy": dataclasses.asdict(policy) if dataclasses.is_dataclass(policy := getattr(backend, "policy", None)) else None,
     }
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxmerge.analysis import analyze_captured
-from fxmerge.capture import capture, propagate_shapes
+from fxmerge.capture import capture
 from fxmerge.ir import Entry, SpanGraph
 from fxmerge.ops import SPAN_CROP, SPAN_END, SPAN_PAD, is_marker
 from fxmerge.passes.match import conv_info, modules_of
@@ -67,7 +67,6 @@ def linearize(
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    propagate_shapes(gm, captured.example_inputs)  # padded spans changed the shapes inside them
     gm.fxmerge_plan = plan
     gm.fxmerge_span_graph = span_graph
     gm.train(model.training)
@@ -149,6 +148,7 @@ def _rewrite_span(gm: torch.fx.GraphModule, span_graph: SpanGraph, entry: Entry)
                 source = gm.graph.call_function(SPAN_CROP, (source, cut, span.id))
         node.replace_input_with(arg, source)
     for node in region_sorted:
+        node.meta.pop("fxmerge_shape", None)  # padded: the captured shape no longer holds
         info = conv_info(node, gm)
         if info is not None:
             replacement = _unpad_conv(gm, node, info)

@@ -303,7 +303,7 @@ def join_info(node: torch.fx.Node) -> tuple[str, tuple[torch.fx.Node, ...], str 
             return None
         shape = node.meta.get("fxmerge_shape")
         problem = None
-        if shape is None or dim not in (1, 1 - len(shape)):
+        if dim != 1 and (shape is None or dim != 1 - len(shape)):
             problem = f"cat along dim {dim}, not the channel dim"
         return "cat", tuple(tensors), problem
     return None
