@@ -8,9 +8,7 @@ Conventions every script follows:
 * ``--quick`` is a smoke test: a small input, few plans, few timing rounds, one
   model, and (unless ``--cache-dir`` or ``--out`` are given) a fresh temporary cache
   and a temporary output file, so that low-quality smoke measurements never land in
-  the shared latency cache or under ``benchmarks/results/``. The latency cache key
-  does not include the timing policy, so a quick measurement in the shared cache
-  would be reused by a later full run.
+  the shared latency cache or under ``benchmarks/results/``.
 * ``--threads`` (default 1) is the thread count of the latency backend and of
   torch in this process; it is printed and stored in the JSON.
 * ``--fresh`` builds latency tables into a new empty cache, for honest build times.

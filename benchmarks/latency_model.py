@@ -6,9 +6,10 @@ eager):
 1. ``fxmerge.analyze`` → span graph; ``build_latency_table`` times every distinct conv
    (wall time recorded: the issue asks for the resnet34 onnxruntime build at 224,
    batch 1, in under 10 minutes);
-2. ``calibrate`` twice: once on the original model, as ``fxmerge.compress`` does, and
-   once on the original with BatchNorm folded, which is what the keep-all plan merges
-   into (on eager an unfolded BatchNorm costs time; onnxruntime folds it on export);
+2. ``calibrate`` twice: once on the original with BatchNorm folded, which is what the
+   keep-all plan merges into and what ``fxmerge.compress`` calibrates on, and once on the
+   unfolded original, to show what that choice is worth (on eager an unfolded
+   BatchNorm costs time; onnxruntime folds it on export);
 3. draws ``--plans`` random valid plans (``Plan.random(sg, seed=k)``) plus the keep-all
    plan; for each, ``merge(linearize(...))`` and times the merged model against the
    BatchNorm-folded original side by side (alternating rounds, fxmerge.demo.side_by_side);
@@ -16,8 +17,9 @@ eager):
    offset) with the measured merged latency.
 
 Three errors per plan:
-  * ``err``        prediction (calibrated on the original, as compress does) vs measured;
-  * ``err_folded`` prediction calibrated on the BatchNorm-folded original vs measured;
+  * ``err_folded`` prediction calibrated on the BatchNorm-folded original (as compress
+                   does) vs measured: the headline number;
+  * ``err``        prediction calibrated on the unfolded original vs measured;
   * ``ratio_err``  predicted merged/original ratio (folded calibration) vs the ratio
                    measured side by side: insensitive to the machine's speed drifting
                    between the calibration and the plan's measurement.
@@ -233,8 +235,8 @@ def markdown(results: list[dict], args, env: dict, check: dict | None) -> str:
         common.markdown_table(header, rows),
         "",
         "Errors are absolute, over the keep-all and random plans. \\|err\\|: `table.predict(plan.entries)` "
-        "(offset from calibrating on the original, as `compress` does) "
-        "vs the merged model measured. Folded calibration: offset from the BatchNorm-folded original. "
+        "with the offset from calibrating on the unfolded original, vs the merged model measured. "
+        "Folded calibration (what `compress` does): offset from the BatchNorm-folded original. "
         "Ratio: predicted vs measured merged/original ratio (side by side, immune to drift).",
     ]
     if check is not None:

@@ -184,6 +184,15 @@ def identity(channels: int, dims: int, *, device=None) -> LinearMap:
     )
 
 
+def _is_identity(value: LinearMap) -> bool:
+    if value.in_channels != value.out_channels or any(k != 1 for k in value.kernel_size):
+        return False
+    if any(s != 1 for s in value.stride) or any(o != 0 for o in value.offset):
+        return False
+    eye = torch.eye(value.out_channels, dtype=value.weight.dtype, device=value.weight.device)
+    return bool(torch.equal(value.weight.reshape(eye.shape), eye))
+
+
 def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """Expand a grouped kernel ``[C_out, C_in / g, *k]`` to block-diagonal ``[C_out, C_in, *k]``."""
     if groups == 1:
@@ -222,20 +231,30 @@ def then_conv(
         raise ValueError(
             f"channel mismatch: the conv expects {c_in} input channels but its input has {value.out_channels}"
         )
-    w = dense_weight(weight.detach().to(torch.float64), groups)
-    # full correlation of the earlier kernel with this one, dilated by dilation * stride:
-    # new[o, i, t] = sum_c sum_k w[o, c, k] * old[c, i, t - k * dilation * stride]
-    step = tuple(r * s for r, s in zip(dilation, value.stride))
-    combined = _TRANSPOSED[dims](
-        value.weight.transpose(0, 1),  # [C_in(span), C_mid, *k_old] as a batch of signals
-        w.transpose(0, 1),  # [C_mid, C_out, *k]
-        dilation=step,
-    ).transpose(0, 1)
-    new_bias = w.flatten(2).sum(-1) @ value.bias
+    w = weight.detach().to(torch.float64)
+    c_out, c_mid = w.shape[0], c_in
+    kernel = tuple(w.shape[2:])
+    per_out, per_mid = c_out // groups, c_mid // groups
+    if all(k == 1 for k in kernel):
+        # a pointwise conv mixes channels only: a (block-diagonal) matrix product
+        old = value.weight.reshape(groups, per_mid, -1)
+        combined = torch.bmm(w.reshape(groups, per_out, per_mid), old).reshape((c_out,) + tuple(value.weight.shape[1:]))
+    elif _is_identity(value) and all(d == 1 for d in dilation):
+        combined = dense_weight(w, groups)  # the first conv of a span is its own kernel
+    else:
+        # full correlation of the earlier kernel with this one, dilated by dilation * stride:
+        # new[o, i, t] = sum_c sum_k w[o, c, k] * old[c, i, t - k * dilation * stride],
+        # as a transposed conv over the batch of the earlier kernel's input channels;
+        # grouped kernels stay grouped ([C_mid, C_out / g, *k] per group)
+        step = tuple(r * s for r, s in zip(dilation, value.stride))
+        transposed = w.reshape((groups, per_out, per_mid) + kernel).transpose(1, 2).reshape((c_mid, per_out) + kernel)
+        combined = _TRANSPOSED[dims](value.weight.transpose(0, 1), transposed, dilation=step, groups=groups).transpose(0, 1)
+    spatial_sums = w.flatten(2).sum(-1).reshape(groups, per_out, per_mid)
+    new_bias = torch.bmm(spatial_sums, value.bias.reshape(groups, per_mid, 1)).reshape(c_out)
     if bias is not None:
         new_bias = new_bias + bias.detach().to(torch.float64)
-    conn_w = group_connectivity(w.shape[0], c_in, groups).to(value.connectivity.device)
-    connectivity = (conn_w.double() @ value.connectivity.double()) > 0
+    reach = value.connectivity.reshape(groups, per_mid, -1).any(dim=1)  # [g, C_in(span)]
+    connectivity = reach.repeat_interleave(per_out, dim=0)
     return LinearMap(
         weight=combined.contiguous(),
         bias=new_bias,

@@ -287,3 +287,14 @@ def test_random_plans_cover_the_block_both_ways():
 def test_analysis_is_deterministic():
     a, b = analyze("inverted_residual"), analyze("inverted_residual")
     assert a == b and a.fingerprint == b.fingerprint
+
+
+def test_merged_convs_above_the_weight_bound_are_not_offered(monkeypatch):
+    from fxmerge.passes import spans
+
+    assert "src:x->layers.2.0" in span_ids(analyze("conv_chain"))
+    keep_7x7 = keep(analyze("conv_chain").span("src:x->layers.2.0"))
+    weights = keep_7x7.out_channels * keep_7x7.in_channels * 49
+    monkeypatch.setattr(spans, "MAX_MERGED_PARAMS", weights - 1)
+    bounded = analyze("conv_chain").span("src:x->layers.2.0")
+    assert [o.conv.kernel_size for o in bounded.options] == [(5, 5), (3, 3)]  # the 7×7 is too big now

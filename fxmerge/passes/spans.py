@@ -49,6 +49,11 @@ from fxmerge.passes.match import Matched
 
 _ROOT = "__root__"
 
+MAX_MERGED_PARAMS = 2**26
+"""A merged conv with more weights than this (256 MiB in fp32) is never offered: it is
+slower than the convs it replaces (RegNetY-128GF's 7392-channel bottlenecks would merge
+into 4.9e8-weight 3×3 convs), and composing it would take minutes of float64 work."""
+
 OPTION_KEYS = {
     "general": lambda spec: (spec.kernel_size, spec.stride, spec.groups),
     "paper": lambda spec: (spec.kernel_size, spec.stride, spec.is_depthwise),
@@ -479,6 +484,8 @@ class _SpanEnumerator:
                 groups=fp.groups, bias=True, activation=end.activation, input_shape=start.shape, dtype=first.dtype,
             )
             if end.shape and spec.output_shape != tuple(end.shape):
+                continue
+            if spec.out_channels * (spec.in_channels // spec.groups) * math.prod(spec.kernel_size) > MAX_MERGED_PARAMS:
                 continue
             key = self.option_key(spec)
             score = sum(self.norms.get(u, 1.0) for u in unit_ids if u not in pruned)
