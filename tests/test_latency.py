@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 
 import pytest
@@ -30,6 +31,7 @@ from fxmerge.latency import (
     spec_input,
 )
 from fxmerge.latency.backends import export_onnx
+from fxmerge.latency.conv import null_spec
 
 QUICK = {"threads": 1, "runs": 5, "warmup": 2}
 
@@ -419,3 +421,44 @@ def test_inductor_times_many_distinct_convs(tmp_path) -> None:
         pytest.skip(f"inductor cannot compile on this machine: {error}")
     assert table.measurements == 10 and all(ms > 0 for ms in table.entries.values())
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 10
+
+
+# ------------------------------------------------------------------ standalone overhead
+
+
+class OverheadBackend(FakeBackend):
+    """Like FakeBackend, plus a fixed 0.5 ms that any conv timed alone pays."""
+
+    standalone_overhead = True
+
+    def measure(self, module: nn.Module, example_input) -> Measurement:
+        m = super().measure(module, example_input)
+        return dataclasses.replace(m, median_ms=m.median_ms + 0.5)
+
+
+def test_null_spec_keeps_the_tensors_and_drops_the_work() -> None:
+    for spec in (conv(cin=8, cout=16, k=3), conv(cin=6, cout=6, k=5, stride=2, hw=9), conv(cin=4, cout=8, k=3, dims=1)):
+        null = null_spec(spec)
+        assert null.input_shape == spec.input_shape and null.output_shape == spec.output_shape
+        assert null.kernel_size == (1,) * spec.dims and null.groups == math.gcd(spec.in_channels, spec.out_channels)
+        assert null.activation == spec.activation
+    assert null_spec(conv(cin=4, cout=4, k=1, groups=4)) is None  # already the cheapest conv
+    valid = dataclasses.replace(conv(k=3, hw=8), padding=(0, 0))  # 8 → 6: no 1×1 conv shrinks a map
+    assert null_spec(valid) is None
+
+
+def test_standalone_overhead_is_subtracted_when_the_backend_has_one(tmp_path) -> None:
+    specs = [conv(cin=4, cout=8, k=3), conv(cin=4, cout=8, k=5)]
+    graph = span_graph(specs)
+    plain = build_latency_table(graph, FakeBackend(), cache_dir=tmp_path / "a", progress=False)
+    backend = OverheadBackend()
+    table = build_latency_table(graph, backend, cache_dir=tmp_path / "b", progress=False)
+    assert backend.calls == 3  # two convs and their one shared null conv
+    null_params = sum(p.numel() for p in conv_module(null_spec(specs[0])).parameters()) / 1000
+    for entry_id, ms in table.entries.items():
+        # (work + 0.5) − (null work + 0.5): the fixed cost is gone, only the null's tiny work is off
+        assert ms == pytest.approx(plain.entries[entry_id] - null_params)
+    assert set(table.info["standalone_overhead_ms"]) == set(table.entries)
+    again = OverheadBackend()
+    build_latency_table(graph, again, cache_dir=tmp_path / "b", progress=False)
+    assert again.calls == 0  # null measurements are cached too

@@ -93,6 +93,9 @@ class _Backend:
     """What the concrete backends share: settings, placement and the timing loop."""
 
     name = "?"
+    # Whether a conv timed alone pays costs (session call, layout reorders) that the same
+    # conv inside a whole model does not; the latency table then subtracts them.
+    standalone_overhead = False
     # Grad mode for compiling and running; Torch-TensorRT's export needs plain no_grad.
     grad_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode
 
@@ -199,6 +202,7 @@ class OnnxRuntimeBackend(_Backend):
     """
 
     name = "onnxruntime"
+    standalone_overhead = True  # NCHW↔NCHWc reorders around a lone conv, and the session call
 
     def __init__(self, device: str | torch.device = "cpu", **kwargs: Any) -> None:
         try:

@@ -8,6 +8,8 @@ depend on their values.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -49,3 +51,31 @@ def spec_input(spec: ConvSpec) -> Tensor:
     """A random input of shape ``spec.input_shape`` and dtype ``spec.dtype``."""
     generator = torch.Generator().manual_seed(_SEED)
     return torch.randn(spec.input_shape, generator=generator, dtype=_dtype(spec))
+
+
+def null_spec(spec: ConvSpec) -> ConvSpec | None:
+    """The cheapest conv with ``spec``'s input and output shapes, or ``None`` if there is none.
+
+    A 1×1 conv with as many groups as both channel counts allow, the same stride and
+    activation: timed alone it pays what ``spec`` pays for being alone (the runtime's
+    call, the layout reorders of the same input and output tensors) and next to no
+    arithmetic, so ``time(spec) − time(null_spec(spec))`` is what ``spec`` costs inside
+    a model on runtimes whose standalone overhead is large (ONNX Runtime's NCHWc).
+    """
+    dims = spec.dims
+    spatial = spec.input_shape[2:]
+    wanted = spec.output_shape[2:]
+    padding = []
+    for size, stride, out in zip(spatial, spec.stride, wanted):
+        # (size + 2p - 1) // stride + 1 == out for the smallest p >= 0, if any
+        p = max(0, -(-((out - 1) * stride + 1 - size) // 2))
+        if (size + 2 * p - 1) // stride + 1 != out:
+            return None
+        padding.append(p)
+    null = ConvSpec(
+        dims=dims, in_channels=spec.in_channels, out_channels=spec.out_channels, kernel_size=(1,) * dims,
+        stride=spec.stride, padding=tuple(padding), dilation=(1,) * dims,
+        groups=math.gcd(spec.in_channels, spec.out_channels), bias=spec.bias, activation=spec.activation,
+        input_shape=spec.input_shape, dtype=spec.dtype,
+    )
+    return None if null == spec else null

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from fxmerge.ir import ConvSpec, SpanGraph
 from fxmerge.latency.backends import LatencyBackend, resolve_backend
 from fxmerge.latency.cache import MeasurementCache, default_cache_dir, key_fields, write_atomic
-from fxmerge.latency.conv import conv_module, spec_input
+from fxmerge.latency.conv import conv_module, null_spec, spec_input
 from fxmerge.latency.timing import Measurement
 
 FORMAT = "fxmerge.latency_table/1"
@@ -167,7 +167,11 @@ def build_latency_table(
             bar.set_postfix(measured=measured, cached=cached, refresh=False)
             bar.update()
 
-    entries = {e.id: results[e.conv.signature()].median_ms for e in span_graph.entries}
+    overhead: dict[str, float] = {}
+    if getattr(backend, "standalone_overhead", False):
+        overhead = _standalone_overheads(by_signature, backend, cache, progress)
+    entries = {e.id: _in_model_ms(results[e.conv.signature()].median_ms, overhead.get(e.conv.signature(), 0.0))
+               for e in span_graph.entries}
     info = {
         **_backend_info(backend),
         "batch_size": _common(spec.input_shape[0] for spec in by_signature.values()),
@@ -176,6 +180,7 @@ def build_latency_table(
         "cache_dir": str(cache.directory) if cache else None,
         "iqr_ms": {e.id: results[e.conv.signature()].iqr_ms for e in span_graph.entries},
         "span_graph": span_graph.fingerprint,
+        "standalone_overhead_ms": {e.id: overhead[e.conv.signature()] for e in span_graph.entries if e.conv.signature() in overhead},
     }
     return LatencyTable(
         backend=backend.name,
@@ -184,6 +189,33 @@ def build_latency_table(
         measurements=len(results),
         info=info,
     )
+
+
+def _in_model_ms(standalone_ms: float, overhead_ms: float) -> float:
+    """A conv's cost inside a model; never below 1% of its standalone time (for a conv far
+    cheaper than the runtime's call, timing noise can make the difference vanish)."""
+    return max(standalone_ms - overhead_ms, 0.01 * standalone_ms)
+
+
+def _standalone_overheads(by_signature: dict[str, ConvSpec], backend, cache, progress: bool) -> dict[str, float]:
+    """Per conv signature, what timing it alone costs beyond its work inside a model.
+
+    Measured as the time of :func:`~fxmerge.latency.conv.null_spec` (same tensors, next
+    to no arithmetic), timed once per distinct null conv and cached like any conv.
+    """
+    nulls = {signature: null_spec(spec) for signature, spec in by_signature.items()}
+    distinct = {n.signature(): n for n in nulls.values() if n is not None}
+    timed: dict[str, float] = {}
+    for signature, spec in tqdm(distinct.items(), desc=f"standalone overhead ({backend.name})", unit="conv",
+                                disable=not progress, leave=False):
+        fields = key_fields(signature, backend, spec.input_shape[0])
+        measurement = cache.get(fields) if cache else None
+        if measurement is None:
+            measurement = backend.measure(conv_module(spec), spec_input(spec))
+            if cache:
+                cache.put(fields, measurement)
+        timed[signature] = measurement.median_ms
+    return {signature: timed[n.signature()] for signature, n in nulls.items() if n is not None}
 
 
 def _check_same_backend(table: LatencyTable, backend: LatencyBackend) -> None:

@@ -92,8 +92,16 @@ def _merge_span(gm: torch.fx.GraphModule, begin: torch.fx.Node, counter: list[in
     region = sorted(_between(begin, end), key=order.__getitem__)
     channels = _input_channels(begin, region, gm)
     values: dict[torch.fx.Node, kernels.LinearMap] = {begin: kernels.identity(channels, dims)}
+    # a wide span's maps are large ([C_out, C_in, *k] in float64): keep one only while a reader is pending
+    region_set = set(region)
+    pending = {node: sum(user in region_set or user is end for user in node.users) for node in [begin, *region]}
     for node in region:
         values[node] = _value_of(node, values, gm, span)
+        for arg in node.all_input_nodes:
+            if arg in pending:
+                pending[arg] -= 1
+                if pending[arg] <= 0 and arg is not end.args[0]:
+                    values.pop(arg, None)
     merged = kernels.to_conv(values[end.args[0]], padding, dtype=_dtype(gm, region))
     module = merged.to_module()
     name = f"fxmerge_merged_{counter[0]}"
