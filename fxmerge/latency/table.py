@@ -154,15 +154,9 @@ def build_latency_table(
     )
     with bar:
         for signature, spec in by_signature.items():
-            fields = key_fields(signature, backend, spec.input_shape[0])
-            measurement = cache.get(fields) if cache else None
-            if measurement is None:
-                measurement = backend.measure(conv_module(spec), spec_input(spec))
-                if cache:
-                    cache.put(fields, measurement)
-                measured += 1
-            else:
-                cached += 1
+            measurement, was_cached = _measure_cached(signature, spec, backend, cache)
+            measured += not was_cached
+            cached += was_cached
             results[signature] = measurement
             bar.set_postfix(measured=measured, cached=cached, refresh=False)
             bar.update()
@@ -191,6 +185,18 @@ def build_latency_table(
     )
 
 
+def _measure_cached(signature: str, spec: ConvSpec, backend, cache) -> tuple[Measurement, bool]:
+    """``spec`` timed on ``backend``, read from ``cache`` when there; written as soon as measured."""
+    fields = key_fields(signature, backend, spec.input_shape[0])
+    measurement = cache.get(fields) if cache else None
+    if measurement is not None:
+        return measurement, True
+    measurement = backend.measure(conv_module(spec), spec_input(spec))
+    if cache:
+        cache.put(fields, measurement)
+    return measurement, False
+
+
 def _in_model_ms(standalone_ms: float, overhead_ms: float) -> float:
     """A conv's cost inside a model; never below 1% of its standalone time (for a conv far
     cheaper than the runtime's call, timing noise can make the difference vanish)."""
@@ -208,13 +214,7 @@ def _standalone_overheads(by_signature: dict[str, ConvSpec], backend, cache, pro
     timed: dict[str, float] = {}
     for signature, spec in tqdm(distinct.items(), desc=f"standalone overhead ({backend.name})", unit="conv",
                                 disable=not progress, leave=False):
-        fields = key_fields(signature, backend, spec.input_shape[0])
-        measurement = cache.get(fields) if cache else None
-        if measurement is None:
-            measurement = backend.measure(conv_module(spec), spec_input(spec))
-            if cache:
-                cache.put(fields, measurement)
-        timed[signature] = measurement.median_ms
+        timed[signature] = _measure_cached(signature, spec, backend, cache)[0].median_ms
     return {signature: timed[n.signature()] for signature, n in nulls.items() if n is not None}
 
 
