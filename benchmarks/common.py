@@ -150,17 +150,21 @@ def environment(args: argparse.Namespace) -> dict:
 
 
 def load_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A torchvision model with random weights (seeded, so plans and caches repeat), in eval mode."""
-    import torchvision
+    """A model with random weights (seeded, so plans and caches repeat), in eval mode.
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = torchvision.models.get_model(name, weights=None)
-    return model.eval()
+    ``name`` is a torchvision model name or any ``fxmerge`` MODEL spec (``timm:NAME``,
+    ``path/to/file.py:factory``); the command line's loader builds it.
+    """
+    from fxmerge.cli.models import load_model as load
+
+    return load(name if ":" in name else f"torchvision:{name}", seed=seed).eval()
 
 
 def example_input(size: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    """The command line's example input for one ``1×3×size×size`` image."""
+    from fxmerge.cli.models import example_input as example
+
+    return example(((1, 3, size, size),), seed=seed)
 
 
 def make_backend(name: str, args: argparse.Namespace):
@@ -207,13 +211,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
 
 
 def write_json(path: Path, data: dict) -> Path:
-    """Write ``data`` (atomically enough: a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=1, default=str, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    """Write ``data`` as strict JSON (NaN and infinities as ``null``), atomically."""
+    from fxmerge.cache import write_atomic
+
+    return write_atomic(path, json.dumps(_finite(data), indent=1, default=str, allow_nan=False) + "\n")
 
 
 def _finite(value):

@@ -4,10 +4,9 @@ The public API; see README.md for a walk-through and docs/ARCHITECTURE.md for th
 """
 
 from fxmerge.activations import register_activation
-from fxmerge.analysis import analyze
+from fxmerge.api import analyze, linearize
 from fxmerge.capture import CaptureError
 from fxmerge.ir import SpanGraph
-from fxmerge.passes.linearize import linearize
 from fxmerge.passes.merge import MergeError, merge
 from fxmerge.plan import Plan, PlanError
 

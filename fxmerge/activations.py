@@ -109,10 +109,12 @@ register_activation(
 )
 
 
-def classify(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """The registered activation name ``node`` computes, or ``None``."""
+def classify(node: torch.fx.Node, module: nn.Module | None = None) -> str | None:
+    """The registered activation name ``node`` computes, or ``None``.
+
+    ``module`` is the module a ``call_module`` node calls.
+    """
     if node.op == "call_module":
-        module = modules.get(node.target)
         for kind in _REGISTRY.values():
             if kind.modules and isinstance(module, kind.modules):
                 return kind.name

@@ -1,27 +1,33 @@
 """Capture: any model and example input → one normalised, shape-annotated GraphModule.
 
-Three graph shapes reach fxmerge and all become one representation:
+Capture runs once per ``compress``; every later stage works on the graph it returns.
+Three graph shapes reach fxmerge and all become one :class:`Captured` value:
 
 1. ``torch.fx.symbolic_trace`` of an eval-mode *copy* of the user's model (the
-   user's model is never mutated or re-moded). A submodule that cannot be traced
-   becomes a leaf — found by watching which module call raised — and the trace is
-   retried; each leaf is reported with the error that made it one.
+   user's model is never mutated or re-moded). Arguments of ``forward`` that the
+   example input does not give keep their Python defaults, as constants. A submodule
+   that cannot be traced becomes a leaf — found by watching which module call
+   raised — and the trace is retried; each leaf is reported with its error. When the
+   top-level ``forward`` itself cannot be traced (control flow on input shapes,
+   optional arguments tested with ``is None``), capture falls back to
+   ``torch.export`` (non-strict, then strict) and says so in ``notes``.
 2. A ``torch.compile`` backend graph: functional ops, with parameters lifted to
    placeholders whose tensors are in ``example_inputs``. Placeholders used as conv
-   weights, biases or BatchNorm statistics are turned into ``get_attr`` constants
-   (like Inductor's freezing); :class:`Captured.runtime_inputs` says which
-   positional inputs remain.
-3. ``torch.export``: the exported program's module (ATen ops, parameters as
-   attributes).
+   weights, biases or BatchNorm statistics become ``get_attr`` constants (like
+   Inductor's freezing); :attr:`Captured.runtime_inputs` says which positional
+   inputs remain.
+3. ``torch.export``: an ``ExportedProgram`` or its module (ATen ops, parameters as
+   attributes), used as it is.
 
-Shapes and dtypes of every tensor-valued node are recorded in
-``node.meta["fxmerge_shape"]`` / ``node.meta["fxmerge_dtype"]`` by running the graph
-once on the example inputs.
+Shapes and dtypes of every tensor-valued node go into the standard
+``node.meta["tensor_meta"]`` by running the graph once on the example inputs
+(on the meta device when it can).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,8 +35,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils._pytree import tree_map
 
+from fxmerge.fxutil import as_inputs, clean_path
 from fxmerge.ir import Rejection
+from fxmerge.nodes import parameter_slots
 
 
 class CaptureError(RuntimeError):
@@ -39,7 +49,12 @@ class CaptureError(RuntimeError):
 
 @dataclass(frozen=True)
 class Captured:
-    """A normalised GraphModule and what capture learned on the way."""
+    """A normalised GraphModule and what capture learned on the way.
+
+    ``gm`` belongs to fxmerge (a copy of the user's model); stages that rewrite it
+    work on a copy of its graph. ``leaves`` are submodules kept whole, with why;
+    ``notes`` say which capture path was taken when it was not the first.
+    """
 
     gm: torch.fx.GraphModule
     example_inputs: tuple
@@ -47,16 +62,7 @@ class Captured:
     leaves: tuple[Rejection, ...]
     runtime_inputs: tuple[int, ...]  # indices of the original placeholders still taken as inputs
     name: str
-
-
-def as_inputs(example_input) -> tuple:
-    if isinstance(example_input, torch.Tensor):
-        return (example_input,)
-    if isinstance(example_input, (tuple, list)):
-        return tuple(example_input)
-    raise TypeError(
-        f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}"
-    )
+    notes: tuple[str, ...] = ()
 
 
 def model_name(model: nn.Module) -> str:
@@ -87,82 +93,127 @@ class _LeafTracer(torch.fx.Tracer):
             raise
 
 
-def trace(model: nn.Module, max_leaves: int = 200) -> tuple[torch.fx.GraphModule, tuple[Rejection, ...]]:
+def _defaults_beyond(model: nn.Module, given: int) -> dict:
+    """``forward``'s arguments after the first ``given`` positional ones, with their defaults."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    missing = [p.name for p in positional[given:] if p.default is p.empty]
+    if missing:
+        raise CaptureError(
+            f"{type(model).__name__}.forward needs argument(s) {missing} that the example input does not "
+            f"give ({given} positional input(s)); pass a tuple with one tensor per argument"
+        )
+    return {p.name: p.default for p in positional[given:]}
+
+
+def _drop_constant_arguments(graph: torch.fx.Graph, names: set[str]) -> None:
+    """Remove the placeholders of constant arguments and the asserts fx added for them."""
+    for node in [n for n in graph.nodes if n.op == "placeholder" and n.target.rsplit("_", 1)[0] in names]:
+        checks: list[torch.fx.Node] = []
+        pending = list(node.users)
+        while pending:
+            user = pending.pop()
+            if user not in checks:
+                checks.append(user)
+                pending.extend(user.users)
+        order = {n: k for k, n in enumerate(graph.nodes)}
+        for check in sorted(checks, key=order.__getitem__, reverse=True):
+            graph.erase_node(check)
+        graph.erase_node(node)
+
+
+def trace(model: nn.Module, given: int = 1, max_leaves: int = 200) -> tuple[torch.fx.GraphModule, tuple[Rejection, ...]]:
     """``symbolic_trace`` with leaf fallback; raises :class:`CaptureError` if the top level fails."""
+    constants = _defaults_beyond(model, given)
     leaves: dict[str, str] = {}
     while True:
         tracer = _LeafTracer(set(leaves))
         try:
-            graph = tracer.trace(model)
-        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported, not raised raw
+            graph = tracer.trace(model, concrete_args=dict(constants) or None)
+        except Exception as exc:
             failed = tracer.failed
             if failed is None or failed in leaves or len(leaves) >= max_leaves:
                 raise CaptureError(
-                    f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}. "
-                    "The failing code is in the model's own forward (not in a submodule that could be "
-                    "kept whole). Make forward traceable (no data-dependent Python control flow), or "
-                    "pass a torch.export-ed program instead."
+                    f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 ) from exc
             leaves[failed] = f"kept whole (untraceable: {type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
             continue
+        _drop_constant_arguments(graph, set(constants))
         gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
         return gm, tuple(Rejection(node=name, reason=reason) for name, reason in leaves.items())
 
 
+def _export(model: nn.Module, inputs: tuple, traced_error: CaptureError) -> tuple[torch.fx.GraphModule, str]:
+    """``torch.export`` (non-strict, then strict) when the top-level trace failed."""
+    errors = [str(traced_error)]
+    for strict in (False, True):
+        try:
+            program = torch.export.export(model, inputs, strict=strict)
+        except Exception as exc:  # noqa: BLE001 - each exporter failure is reported together
+            errors.append(f"torch.export (strict={strict}): {type(exc).__name__}: {str(exc).strip()[:300]}")
+            continue
+        note = (
+            f"symbolic_trace of the top-level forward failed ({str(traced_error).split(': ', 1)[-1][:200]}); "
+            f"captured through torch.export (strict={strict})"
+        )
+        return drop_guards(program.module()), note
+    raise CaptureError(
+        f"cannot capture {type(model).__name__}: " + "; ".join(errors) + ". Make forward traceable (no Python "
+        "control flow on input values), or pass a torch.export-ed program."
+    ) from traced_error
+
+
 # ------------------------------------------------------------------ normalisation
-_WEIGHT_ARG_OPS = None
-
-
 def _weight_like_placeholders(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """Placeholders used only in parameter slots (conv weight/bias, BN stats)."""
-    from fxmerge.passes import match  # local import: match imports capture's helpers
-
     params: set[torch.fx.Node] = set()
     data: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
-        slots = match.parameter_slots(node)
+        slots = parameter_slots(node)
         if slots is None:
             continue
-        for k, arg in enumerate(node.args):
-            if isinstance(arg, torch.fx.Node) and arg.op == "placeholder":
-                (params if k in slots else data).add(arg)
-        for key, arg in node.kwargs.items():
-            if isinstance(arg, torch.fx.Node) and arg.op == "placeholder":
-                (params if key in slots else data).add(arg)
+        for key, value in [*enumerate(node.args), *node.kwargs.items()]:
+            if isinstance(value, torch.fx.Node) and value.op == "placeholder":
+                (params if key in slots else data).add(value)
     return params - data
+
+
+def _source_path(node: torch.fx.Node) -> str | None:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    try:
+        name = source.name()
+    except Exception:  # noqa: BLE001 - a source Dynamo cannot name: fall back to the node name
+        return None
+    parts = re.findall(r"\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]", name)
+    tokens = [a or b or c for a, b, c in parts]
+    return ".".join(t for t in tokens if t not in ("self", "_modules", "_parameters", "_buffers"))
+
+
+def _name_path(node: torch.fx.Node) -> str:
+    """The module path a placeholder's name spells, with case and ``-`` restored from its first use."""
+    name = re.sub(r"^[lL]_self_", "", node.name)
+    path = re.sub(r"(^|_)(modules|parameters|buffers)_", ".", name).strip("._")
+    stack = node.meta.get("nn_module_stack")
+    leaf = re.search(r"_(?:parameters|buffers)_(\w+?)_?$", node.name)
+    if stack and leaf:
+        owner = list(stack.values())[-1]
+        owner = clean_path(str(owner[0] if isinstance(owner, tuple) else owner))
+        candidate = f"{owner}.{leaf.group(1)}" if owner else leaf.group(1)
+        if re.sub(r"\W", "_", candidate).lower() == re.sub(r"\W", "_", path).lower():
+            path = candidate
+    return path
 
 
 def _attr_name(node: torch.fx.Node, taken: set[str]) -> str:
     """A readable, stable attribute path for a lifted parameter placeholder."""
-    source = None
-    grapharg = node.meta.get("grapharg")
-    if grapharg is not None and getattr(grapharg, "source", None) is not None:
-        try:
-            source = grapharg.source.name()
-        except Exception:  # noqa: BLE001
-            source = None
-    if source:
-        parts = re.findall(r"\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]", source)
-        tokens = [a or b or c for a, b, c in parts]
-        tokens = [t for t in tokens if t not in ("self", "_modules", "_parameters", "_buffers")]
-        path = ".".join(tokens)
-    else:
-        name = re.sub(r"^[lL]_self_", "", node.name)
-        name = re.sub(r"(^|_)(modules|parameters|buffers)_", ".", name).strip("._")
-        path = name
-        # the placeholder's name lost case and characters such as "-" (RegNet's "block1-0"); the
-        # module path of its first use keeps them: take it when it names the same tensor
-        from fxmerge.passes.match import _clean_path
-
-        stack = node.meta.get("nn_module_stack")
-        leaf = re.search(r"_(?:parameters|buffers)_(\w+?)_?$", node.name)
-        if stack and leaf:
-            owner = list(stack.values())[-1]
-            owner = _clean_path(str(owner[0] if isinstance(owner, tuple) else owner))
-            candidate = f"{owner}.{leaf.group(1)}" if owner else leaf.group(1)
-            if re.sub(r"\W", "_", candidate).lower() == re.sub(r"\W", "_", path).lower():
-                path = candidate
-    path = path or node.name
+    path = _source_path(node) or _name_path(node) or node.name
     base, k = path, 1
     while path in taken:
         path = f"{base}#{k}"
@@ -193,11 +244,8 @@ def lift_parameters(gm: torch.fx.GraphModule, example_inputs: Sequence) -> tuple
     taken: set[str] = set()
     keep: list[int] = []
     for index, node in enumerate(placeholders):
-        if node not in params:
-            keep.append(index)
-            continue
         value = example_inputs[index]
-        if not isinstance(value, torch.Tensor):
+        if node not in params or not isinstance(value, torch.Tensor):
             keep.append(index)
             continue
         target = _set_attr(gm, _attr_name(node, taken), value)
@@ -233,15 +281,20 @@ def drop_guards(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 # ------------------------------------------------------------------ shapes
+def _metadata(value):
+    if isinstance(value, torch.Tensor):
+        return _extract_tensor_metadata(value)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_extract_tensor_metadata(v) for v in value)
+    return None
+
+
 class _ShapeRecorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node):
         result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta["fxmerge_shape"] = tuple(result.shape)
-            n.meta["fxmerge_dtype"] = result.dtype
-        elif isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
-            n.meta["fxmerge_shape"] = tuple(result[0].shape)
-            n.meta["fxmerge_dtype"] = result[0].dtype
+        meta = _metadata(result)
+        if meta is not None:
+            n.meta["tensor_meta"] = meta
         return result
 
 
@@ -257,21 +310,21 @@ class _Recording(nn.Module):
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence) -> None:
-    """Record the real shape and dtype of every tensor-valued node.
+    """Record the shape and dtype of every tensor-valued node as ``tensor_meta``.
 
     The graph runs on the ``meta`` device first (parameters swapped for meta tensors
-    with ``torch.func.functional_call``; shapes only, no arithmetic, several times
-    faster than running a large model at 224×224 on a CPU). Code that needs real
-    values (a kept-whole leaf with data-dependent control flow, an op with no meta
-    kernel, a tensor constant that is not a parameter or buffer) makes it run again
-    on the real inputs.
+    with ``torch.func.functional_call``; shapes only, several times faster than
+    running a large model at 224×224 on a CPU). Code that needs real values (a
+    kept-whole leaf with data-dependent control flow, an op with no meta kernel, a
+    tensor constant that is not a parameter or buffer) makes it run again on the
+    real inputs.
     """
     with torch.no_grad():
         try:
             tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
             meta = {f"gm.{name}": t.to("meta") for name, t in tensors.items()}
-            meta_inputs = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs]
-            torch.func.functional_call(_Recording(gm), meta, tuple(meta_inputs), strict=False)
+            meta_inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, tuple(inputs))
+            torch.func.functional_call(_Recording(gm), meta, meta_inputs, strict=False)
             return
         except Exception:  # noqa: BLE001 - whatever the meta device cannot do, the real run can
             pass
@@ -279,6 +332,21 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence) -> None:
 
 
 # ------------------------------------------------------------------ entry points
+def _graph_module(working: nn.Module, inputs: tuple) -> tuple[torch.fx.GraphModule, str, tuple, tuple]:
+    """``(gm, form, leaves, notes)`` for an eval-mode copy of the user's model."""
+    if isinstance(working, torch.fx.GraphModule):
+        gm = drop_guards(working)
+        return gm, graph_form(gm), (), ()
+    try:
+        gm, leaves = trace(working, given=len(inputs))
+        return gm, "symbolic_trace", leaves, ()
+    except CaptureError as exc:
+        if "needs argument" in str(exc):
+            raise
+        gm, note = _export(working, inputs, exc)
+        return gm, "export", (), (note,)
+
+
 def capture(model: nn.Module, example_input) -> Captured:
     """Trace an eval-mode copy of ``model`` and annotate shapes.
 
@@ -294,34 +362,34 @@ def capture(model: nn.Module, example_input) -> Captured:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     try:
         working = copy.deepcopy(model)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CaptureError(f"cannot copy {name} (fxmerge never mutates your model): {exc}") from exc
-    working.eval()
-    leaves: tuple[Rejection, ...] = ()
-    if isinstance(working, torch.fx.GraphModule):
-        gm = drop_guards(working)
-        form = graph_form(gm)
-    else:
-        gm, leaves = trace(working)
-        form = "symbolic_trace"
-        gm._fxmerge_leaves = {leaf.node: leaf.reason for leaf in leaves}
-    gm.fxmerge_name = name
+    _set_eval(working)
+    gm, form, leaves, notes = _graph_module(working, inputs)
     try:
         propagate_shapes(gm, inputs)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CaptureError(
-            f"running {name} on the example input failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}. "
-            f"Check the example input's shape and dtype (got {[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})."
+            f"running {name} on the example input failed: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. Check the example input's shape "
+            f"and dtype (got {[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})."
         ) from exc
-    return Captured(gm, inputs, form, leaves, tuple(range(len(inputs))), name)
+    return Captured(gm, inputs, form, leaves, tuple(range(len(inputs))), name, notes)
+
+
+def _set_eval(module: nn.Module) -> None:
+    """Eval mode, also for exported modules that forbid ``.eval()`` (their graph is fixed anyway)."""
+    try:
+        module.eval()
+    except (NotImplementedError, RuntimeError):
+        for child in module.modules():
+            child.training = False
 
 
 def capture_backend_graph(gm: torch.fx.GraphModule, example_inputs: Sequence, name: str = "graph") -> Captured:
     """Normalise a graph handed to a ``torch.compile`` backend (parameters lifted)."""
     gm, keep = lift_parameters(gm, example_inputs)
     runtime = [example_inputs[k] for k in keep]
-    fake = any(type(t).__name__ == "FakeTensor" for t in runtime)
-    if not fake:
+    if not any(type(t).__name__ == "FakeTensor" for t in runtime):
         propagate_shapes(gm, runtime)
-    gm.fxmerge_name = name
     return Captured(gm, tuple(runtime), "dynamo", (), keep, name)

@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fxmerge.latency.compare import side_by_side
 
 CACHE = Path(".fxmerge-cache")
 
@@ -77,6 +78,9 @@ def digits(batch_size: int = 64, seed: int = 0):
 
 
 def trained_model(train, epochs: int = 4, progress: bool = True) -> nn.Module:
+    import io
+
+    from fxmerge.cache import write_atomic
     from fxmerge.train import finetune
 
     path = CACHE / "demo" / "digitsnet.pt"
@@ -86,97 +90,97 @@ def trained_model(train, epochs: int = 4, progress: bool = True) -> nn.Module:
         return model.eval()
     torch.manual_seed(0)
     finetune(model, train, epochs=epochs, lr=0.05, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    write_atomic(path, buffer.getvalue())
     return model.eval()
 
 
-def side_by_side(first: nn.Module, second: nn.Module, example, backend, rounds: int = 5):
-    """Median latency of two models measured in alternating rounds (fair on a noisy machine)."""
-    import statistics
-
-    from fxmerge.latency import measure_model
-
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
-        for model, bucket in ((first, times[0]), (second, times[1])):
-            bucket.append(measure_model(model, example, backend).median_ms)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
-def main(argv=None) -> int:
+def _arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="60%", help="latency target: '60%%' of the original, or ms")
     parser.add_argument("--out", default="fxmerge-out/demo", help="where the merged model and reports go")
     parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1: stable on a shared machine)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    progress = not args.no_progress
+    return parser.parse_args(argv)
 
+
+def _compress(model, example, target, backend, val, progress: bool):
+    """``fxmerge.compress``; an unreachable target falls back to the smallest one that is reachable."""
     import fxmerge
-    from fxmerge.api import export_merged
+    from fxmerge.api import TargetUnreachable
+
+    def run(goal):
+        return fxmerge.compress(
+            model, example, goal, backend=backend, data=val[:4], cache_dir=CACHE, progress=progress, max_kernel=9
+        )
+
+    try:
+        return run(target)
+    except TargetUnreachable as exc:
+        print(f"note: {exc}\nnote: compressing to the smallest reachable target instead")
+        return run(f"{exc.smallest * 100:.1f}%" if exc.unit == "fraction" else exc.smallest)
+
+
+def _rows(report, scores, exact: float, original_ms: float, merged_ms: float, out: Path) -> list[tuple[str, str, str]]:
+    met = {True: "met", False: "NOT met", None: "not checked"}[report.target_met]
+    asked = report.target_ms / report.original_ms
+    return [
+        ("accuracy (val)", f"{scores[0]:.1%} original", f"{scores[1]:.1%} linearized → {scores[2]:.1%} fine-tuned"),
+        ("convs", f"{report.convs_before}", f"{report.convs_after} ({report.activations_removed} activations removed)"),
+        (f"latency ({report.backend}, {report.threads} thr.)", f"{original_ms:.3f} ms",
+         f"{merged_ms:.3f} ms ({merged_ms / original_ms:.1%} of the original)"),
+        ("target", f"{asked:.0%} of the original", f"{met} as measured by compress ({report.measured_ratio or 0:.1%})"),
+        ("speed-up (measured)", "", f"{original_ms / merged_ms:.2f}× (BatchNorm folded in both, timed side by side)"),
+        ("merge exactness", "", f"max|Δ|/max|ref| = {exact:.1e}"),
+        ("files", str(out), "plan.json report.json report.md linearized.pt merged.pt2 merged.onnx"),
+    ]
+
+
+def _write(result, merged, example, out: Path) -> None:
+    import io
+
+    from fxmerge.cache import write_atomic, write_json
+    from fxmerge.export import export_merged
+
+    result.plan.save(out / "plan.json")
+    write_json(out / "report.json", result.report.to_dict())
+    write_atomic(out / "report.md", result.report.to_markdown())
+    buffer = io.BytesIO()
+    torch.save(result.model.state_dict(), buffer)
+    write_atomic(out / "linearized.pt", buffer.getvalue())
+    export_merged(merged, example, out)
+
+
+def main(argv=None) -> int:
+    args = _arguments(argv)
+    progress = not args.no_progress
     from fxmerge.latency import get_backend
     from fxmerge.passes.merge import merge
     from fxmerge.train import accuracy, finetune
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train, val = digits()
     model = trained_model(train, progress=progress)
-    accuracy_before = accuracy(model, val)
     example = torch.randn(1, 1, 32, 32)
-
-    from fxmerge.solver import InfeasibleBudget
-
-    # one thread: on a small shared machine, ORT's spinning worker threads make timings erratic
-    backend = get_backend("onnxruntime", threads=1)
-    target = args.target
-
-    def run(target):
-        return fxmerge.compress(
-            model, example, target, backend=backend, data=val[:4], cache_dir=CACHE, progress=progress, max_kernel=9
-        )
-
-    try:
-        result = run(target)
-    except InfeasibleBudget as exc:
-        print(f"note: {exc}\nnote: compressing to the smallest achievable latency instead")
-        target = exc.suggested_ms
-        result = run(target)
-    accuracy_linearized = accuracy(result.model, val)
+    backend = get_backend("onnxruntime", threads=args.threads)
+    print(f"timing on {backend.name}, {backend.threads} thread(s); compressing to {args.target}")
+    result = _compress(model, example, args.target, backend, val, progress)
+    scores = [accuracy(model, val), accuracy(result.model, val)]
     finetune(result.model, train, epochs=args.finetune_epochs, lr=0.01, teacher=model, progress=progress)
-    accuracy_after = accuracy(result.model, val)
+    scores.append(accuracy(result.model, val))
     merged = result.merge()
     with torch.no_grad():
-        x = val[0][0]
-        reference, got = result.model.eval()(x), merged(x)
+        reference, got = result.model.eval()(val[0][0]), merged(val[0][0])
     exact = float((got - reference).abs().max() / reference.abs().max())
-
-    folded_original = merge(torch.fx.symbolic_trace(model.eval()))
-    original, compressed = side_by_side(folded_original, merged, example, backend)
-
-    result.plan.save(out / "plan.json")
-    (out / "report.json").write_text(json.dumps(result.report.to_dict(), indent=2) + "\n")
-    (out / "report.md").write_text(result.report.to_markdown())
-    torch.save(result.model.state_dict(), out / "linearized.pt")
-    export_merged(merged, example, out)
-
-    report = result.report
-    rows = [
-        ("accuracy (val)", f"{accuracy_before:.1%} original", f"{accuracy_linearized:.1%} linearized → {accuracy_after:.1%} fine-tuned"),
-        ("convs", f"{report.convs_before}", f"{report.convs_after} ({report.activations_removed} activations removed)"),
-        ("latency, onnxruntime", f"{original:.3f} ms measured", f"{report.predicted_ms:.3f} ms predicted, {compressed:.3f} ms measured"),
-        ("target", f"{args.target} = {report.target_ms:.3f} ms" if target == args.target else f"{report.target_ms:.3f} ms (smallest)", ""),
-        ("speed-up (measured)", "", f"{original / compressed:.2f}× (BatchNorm folded in both)"),
-        ("merge exactness", "", f"max|Δ|/max|ref| = {exact:.1e}"),
-        ("files", str(out), "plan.json report.json report.md linearized.pt merged.pt2 merged.onnx"),
-    ]
+    # one measurement, side by side, for every latency in the table
+    original_ms, merged_ms = side_by_side(merge(torch.fx.symbolic_trace(model.eval())), merged, example, backend)
+    out = Path(args.out)
+    _write(result, merged, example, out)
+    rows = _rows(result.report, scores, exact, original_ms, merged_ms, out)
     width = max(len(r[0]) for r in rows)
-    print()
-    print(f"{'':{width}}  {'original':28}  compressed")
+    print(f"\n{'':{width}}  {'original':28}  compressed")
     for name, before, after in rows:
         print(f"{name:{width}}  {before:28}  {after}")
     print(f"\ndone in {time.perf_counter() - started:.0f} s")

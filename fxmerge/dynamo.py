@@ -50,7 +50,7 @@ def _training_batchnorms(gm: torch.fx.GraphModule) -> list[str]:
 
 def _inner(name: str) -> Callable:
     if name == "eager":
-        return lambda gm, inputs: gm.forward
+        return lambda gm, _inputs: gm.forward
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 

@@ -71,6 +71,16 @@ class ConvSpec:
         return self.groups == self.in_channels and self.groups > 1
 
     @classmethod
+    def of_conv(cls, conv, *, input_shape: Shape, activation: str | None, bias: bool, dtype=None) -> ConvSpec:
+        """The spec of a conv given by its geometry (a ``kernels.ConvParams`` or anything with its fields)."""
+        return cls(
+            dims=len(conv.kernel_size), in_channels=conv.in_channels, out_channels=conv.out_channels,
+            kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride), padding=tuple(conv.padding),
+            dilation=tuple(conv.dilation), groups=conv.groups, bias=bias, activation=activation,
+            input_shape=tuple(input_shape), dtype=str(dtype).replace("torch.", "") if dtype is not None else "float32",
+        )
+
+    @classmethod
     def from_dict(cls, data: dict) -> ConvSpec:
         tuples = {"kernel_size", "stride", "padding", "dilation", "input_shape"}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
@@ -186,28 +196,16 @@ class Parallel:
 
 
 @dataclass(frozen=True)
-class Fixed:
-    """A region kept exactly as it is (not series-parallel, or not mergeable).
-
-    The units inside keep their single-unit spans; their cost is fixed.
-    """
-
-    reason: str
-    units: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Step:
     """What lies between two consecutive positions of a chain.
 
     ``kind == "unit"``: a single unit edge (``unit`` set); spans may cross it.
     ``kind == "parallel"``: a multi-branch region (``region`` set).
-    ``kind == "fixed"``: a region no span may cross (``region`` set).
     """
 
-    kind: Literal["unit", "parallel", "fixed"]
+    kind: Literal["unit", "parallel"]
     unit: str | None = None
-    region: Parallel | Fixed | None = None
+    region: Parallel | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +226,21 @@ class Rejection:
 
     node: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Matched:
+    """What ``match`` found in one graph: units, joins, positions and boundaries.
+
+    ``weight_norms`` is the summed ``|weight|`` of every unit's conv, which decides
+    which convs an option keeps when several subsets give the same merged conv.
+    """
+
+    units: tuple[Unit, ...]
+    joins: tuple[Join, ...]
+    positions: tuple[Position, ...]
+    rejections: tuple[Rejection, ...]
+    weight_norms: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -255,7 +268,7 @@ class SpanGraph:
         if cached is not None:
             return cached
         cached = tuple(
-            Entry(id=f"{span.id}|{option.id}", span=span.id, start=span.start, end=span.end, option=option)
+            Entry(id=entry_id(span.id, option.id), span=span.id, start=span.start, end=span.end, option=option)
             for span in self.spans
             for option in span.options
         )
@@ -306,6 +319,40 @@ class SpanGraph:
         unit = self.unit(unit_id)
         return self.span(span_id(unit.input_position, unit.output_position))
 
+    @property
+    def coverage(self) -> float | None:
+        """The share of units that lie inside at least one multi-unit span (``None`` with no units).
+
+        Near 0 means fxmerge found little to merge in this model; the rejections say why.
+        """
+        if not self.units:
+            return None
+        covered = {u for span in self.spans if len(span.units) > 1 for u in span.units}
+        return len(covered) / len(self.units)
+
+    def keep_entry(self, unit_id: str) -> str:
+        """The entry that leaves unit ``unit_id`` exactly as it is (its single-unit span, nothing pruned)."""
+        span = self.single_unit_span(unit_id)
+        return entry_id(span.id, KEEP)
+
+
+KEEP = "keep"
+"""The option id of a span's keep-everything option (every span of one unit has it)."""
+
 
 def span_id(start: str, end: str) -> str:
+    """The id of the span from position ``start`` to position ``end``."""
     return f"{start}->{end}"
+
+
+def entry_id(span: str, option: str) -> str:
+    """The id of one (span, option): the row key of the latency and importance tables."""
+    return f"{span}|{option}"
+
+
+def parse_entry_id(entry: str) -> tuple[str, str]:
+    """``(span id, option id)`` of an entry id."""
+    span, sep, option = entry.rpartition("|")
+    if not sep:
+        raise ValueError(f"not an entry id: {entry!r} (expected 'START->END|OPTION')")
+    return span, option

@@ -86,27 +86,9 @@ class ConvParams:
     def out_channels(self) -> int:
         return self.weight.shape[0]
 
-    @classmethod
-    def from_module(cls, conv: torch.nn.Module) -> ConvParams:
-        if isinstance(conv, torch.nn.modules.conv._ConvTransposeNd):
-            return cls(
-                conv.weight.detach(), None, tuple(conv.stride), (0,), tuple(conv.dilation),
-                conv.groups, conv.padding_mode, transposed=True,
-            )
-        dims = conv.weight.dim() - 2
-        if isinstance(conv.padding, str):
-            raise ValueError(
-                f"conv uses padding={conv.padding!r}; resolve it to explicit integers before composing"
-            )
-        return cls(
-            weight=conv.weight.detach(),
-            bias=None if conv.bias is None else conv.bias.detach(),
-            stride=_tuple(conv.stride, dims),
-            padding=_tuple(conv.padding, dims),
-            dilation=_tuple(conv.dilation, dims),
-            groups=conv.groups,
-            padding_mode=conv.padding_mode,
-        )
+    @property
+    def kernel_size(self) -> Ints:
+        return tuple(self.weight.shape[2:])
 
     def to_module(self) -> torch.nn.Module:
         cls = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[self.dims]
@@ -125,17 +107,65 @@ class ConvParams:
         return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def check_composable(conv: ConvParams) -> None:
-    """Raise ``ValueError`` naming why ``conv`` cannot take part in a merge."""
-    if conv.transposed:
-        raise ValueError("cannot compose a transposed convolution (it upsamples; a merged conv cannot)")
-    if conv.padding_mode != "zeros":
-        raise ValueError(
-            f"cannot compose a conv with padding_mode={conv.padding_mode!r}: only zero padding can be "
-            "moved in front of a span"
+@dataclass(frozen=True)
+class Footprint:
+    """The geometry of a linear map, without weights: what one merged conv will look like.
+
+    ``t[o, p]`` reads input positions ``p * stride + offset + d`` for ``d`` below
+    ``kernel``; ``groups`` is the grouping the composition keeps. This is the single
+    definition of how geometry composes: the span graph uses it to predict the merged
+    conv of every option (and the latency table times that prediction), and
+    :class:`LinearMap` uses it for the geometry of the conv ``merge`` emits.
+    """
+
+    kernel: Ints
+    stride: Ints
+    offset: Ints
+    groups: int
+    channels_in: int
+    channels_out: int
+
+    @classmethod
+    def identity(cls, channels: int, dims: int) -> Footprint:
+        return cls((1,) * dims, (1,) * dims, (0,) * dims, channels, channels, channels)
+
+    @classmethod
+    def of_conv(cls, conv) -> Footprint:
+        """A conv (anything with kernel_size, stride, padding, dilation, groups, in/out_channels)."""
+        kernel = tuple((k - 1) * d + 1 for k, d in zip(conv.kernel_size, conv.dilation))
+        offset = tuple(-p for p in conv.padding)
+        return cls(kernel, tuple(conv.stride), offset, conv.groups, conv.in_channels, conv.out_channels)
+
+    def then(self, after: Footprint) -> Footprint:
+        """``after`` applied to this map's output: extents grow by ``(k - 1) * stride``."""
+        return Footprint(
+            kernel=tuple((ka - 1) * s + k for ka, s, k in zip(after.kernel, self.stride, self.kernel)),
+            stride=tuple(sa * s for sa, s in zip(after.stride, self.stride)),
+            offset=tuple(o + oa * s for o, oa, s in zip(self.offset, after.offset, self.stride)),
+            groups=math.gcd(self.groups, after.groups),
+            channels_in=self.channels_in,
+            channels_out=after.channels_out,
         )
-    if conv.dims not in (1, 2, 3):
-        raise ValueError(f"cannot compose a {conv.dims}-d convolution")
+
+    def crop(self, leading: Ints) -> Footprint:
+        """Drop ``leading`` output elements per spatial dim (how a skip is aligned)."""
+        offset = tuple(o + r * s for o, r, s in zip(self.offset, leading, self.stride))
+        return replace(self, offset=offset)
+
+    @staticmethod
+    def combine(parts: list[Footprint], kind: str) -> Footprint:
+        """The common frame of maps of one input joined by ``add`` or channel ``cat``."""
+        strides = {p.stride for p in parts}
+        if len(strides) != 1:
+            raise ValueError(f"cannot join maps with different strides {sorted(strides)}: their grids do not align")
+        dims = len(parts[0].kernel)
+        offset = tuple(min(p.offset[d] for p in parts) for d in range(dims))
+        kernel = tuple(max(p.offset[d] + p.kernel[d] for p in parts) - offset[d] for d in range(dims))
+        if kind == "add":
+            groups, out = math.gcd(*[p.groups for p in parts]), parts[0].channels_out
+        else:
+            groups, out = (parts[0].groups if len(parts) == 1 else 1), sum(p.channels_out for p in parts)
+        return Footprint(kernel, parts[0].stride, offset, groups, parts[0].channels_in, out)
 
 
 # --------------------------------------------------------------------- LinearMap
@@ -168,6 +198,11 @@ class LinearMap:
     @property
     def kernel_size(self) -> Ints:
         return tuple(self.weight.shape[2:])
+
+    @property
+    def footprint(self) -> Footprint:
+        """The map's geometry (its grouping is read off ``connectivity`` by :func:`to_conv`)."""
+        return Footprint(self.kernel_size, self.stride, self.offset, 1, self.in_channels, self.out_channels)
 
 
 def identity(channels: int, dims: int, *, device=None) -> LinearMap:
@@ -255,19 +290,32 @@ def then_conv(
         new_bias = new_bias + bias.detach().to(torch.float64)
     reach = value.connectivity.reshape(groups, per_mid, -1).any(dim=1)  # [g, C_in(span)]
     connectivity = reach.repeat_interleave(per_out, dim=0)
+    geometry = value.footprint.then(Footprint.of_conv(_UnpaddedConv(kernel, stride, dilation, groups, c_in, c_out)))
+    if tuple(combined.shape[2:]) != geometry.kernel:  # pragma: no cover - the two algebras disagree
+        raise AssertionError(f"composed kernel {tuple(combined.shape[2:])} != footprint {geometry.kernel}")
     return LinearMap(
         weight=combined.contiguous(),
         bias=new_bias,
-        stride=tuple(s * v for s, v in zip(stride, value.stride)),
-        offset=value.offset,
+        stride=geometry.stride,
+        offset=geometry.offset,
         connectivity=connectivity,
     )
 
 
-def then_conv_params(value: LinearMap, conv: ConvParams) -> LinearMap:
-    """Like :func:`then_conv` for a :class:`ConvParams` (whose padding must already be moved)."""
-    check_composable(conv)
-    return then_conv(value, conv.weight, conv.bias, conv.stride, conv.dilation, conv.groups)
+@dataclass(frozen=True)
+class _UnpaddedConv:
+    """The geometry of a conv inside a span (its padding moved in front)."""
+
+    kernel_size: Ints
+    stride: Ints
+    dilation: Ints
+    groups: int
+    in_channels: int
+    out_channels: int
+
+    @property
+    def padding(self) -> Ints:
+        return (0,) * len(self.kernel_size)
 
 
 def then_affine(value: LinearMap, scale: torch.Tensor | float, shift: torch.Tensor | float) -> LinearMap:
@@ -295,15 +343,9 @@ def batchnorm_scale_shift(
     return scale, beta - mean * scale
 
 
-def then_batchnorm(value: LinearMap, running_mean, running_var, weight, bias, eps: float) -> LinearMap:
-    """Apply an eval-mode BatchNorm with its own ``eps``."""
-    return then_affine(value, *batchnorm_scale_shift(running_mean, running_var, weight, bias, eps))
-
-
 def crop(value: LinearMap, leading: Ints) -> LinearMap:
     """Drop ``leading`` elements at the start of each spatial dim (align a skip)."""
-    leading = _tuple(leading, value.dims)
-    return replace(value, offset=tuple(o + r * s for o, r, s in zip(value.offset, leading, value.stride)))
+    return replace(value, offset=value.footprint.crop(_tuple(leading, value.dims)).offset)
 
 
 def _place(value: LinearMap, offset: Ints, size: Ints) -> torch.Tensor:
@@ -316,14 +358,9 @@ def _place(value: LinearMap, offset: Ints, size: Ints) -> torch.Tensor:
     return F.pad(value.weight, pads)
 
 
-def _common_frame(values: list[LinearMap]) -> tuple[Ints, Ints]:
-    strides = {v.stride for v in values}
-    if len(strides) != 1:
-        raise ValueError(f"cannot join maps with different strides {sorted(strides)}: their grids do not align")
-    dims = values[0].dims
-    offset = tuple(min(v.offset[d] for v in values) for d in range(dims))
-    size = tuple(max(v.offset[d] + v.kernel_size[d] for v in values) - offset[d] for d in range(dims))
-    return offset, size
+def _common_frame(values: list[LinearMap], kind: str) -> tuple[Ints, Ints]:
+    frame = Footprint.combine([v.footprint for v in values], kind)
+    return frame.offset, frame.kernel
 
 
 def add(*values: LinearMap) -> LinearMap:
@@ -333,7 +370,7 @@ def add(*values: LinearMap) -> LinearMap:
             "channel mismatch in add: operands have (out, in) channels "
             f"{[(v.out_channels, v.in_channels) for v in values]}"
         )
-    offset, size = _common_frame(list(values))
+    offset, size = _common_frame(list(values), "add")
     weight = sum(_place(v, offset, size) for v in values)
     connectivity = values[0].connectivity.clone()
     for v in values[1:]:
@@ -345,7 +382,7 @@ def cat(*values: LinearMap) -> LinearMap:
     """Channel concatenation of maps of one span input."""
     if len({v.in_channels for v in values}) != 1:
         raise ValueError("cannot cat maps of different span inputs")
-    offset, size = _common_frame(list(values))
+    offset, size = _common_frame(list(values), "cat")
     weight = torch.cat([_place(v, offset, size) for v in values], dim=0)
     connectivity = torch.cat([v.connectivity for v in values], dim=0)
     return LinearMap(weight, torch.cat([v.bias for v in values]), values[0].stride, offset, connectivity)
@@ -390,74 +427,6 @@ def to_conv(value: LinearMap, padding: Ints, *, dtype: torch.dtype = torch.float
     )
 
 
-# ------------------------------------------------------------- the public helpers
-def span_padding(convs: list[ConvParams] | list[tuple[Ints, Ints]]) -> Ints:
-    """Total front padding of a chain: ``P = sum_k p_k * prod_{j<k} s_j`` per dim.
-
-    Accepts ConvParams or ``(padding, stride)`` pairs, first conv first.
-    """
-    pairs = [(c.padding, c.stride) if isinstance(c, ConvParams) else c for c in convs]
-    dims = len(pairs[0][0])
-    total, scale = [0] * dims, [1] * dims
-    for pad, stride in pairs:
-        for d in range(dims):
-            total[d] += pad[d] * scale[d]
-            scale[d] *= stride[d]
-    return tuple(total)
-
-
-def chain_map(
-    convs: list[ConvParams], affines: list | None = None, *, leading: Ints | None = None
-) -> LinearMap:
-    """The LinearMap of a conv chain run unpadded (affines[k] = (scale, shift) after conv k).
-
-    ``leading`` crops that many elements off the start of the chain's *input* first
-    (how a chain with less padding than its span is aligned).
-    """
-    if not convs:
-        raise ValueError("an empty chain has no channels; use identity()")
-    for conv in convs:
-        check_composable(conv)
-    value = identity(convs[0].in_channels, convs[0].dims, device=convs[0].weight.device)
-    if leading is not None:
-        value = crop(value, leading)
-    for k, conv in enumerate(convs):
-        value = then_conv_params(value, conv)
-        if affines and affines[k] is not None:
-            value = then_affine(value, *affines[k])
-    return value
-
-
-def compose(first: ConvParams, second: ConvParams) -> ConvParams:
-    """One conv equal to ``second(first(x))`` in the padded-in-front layout.
-
-    Exact for any stride, dilation, groups and rectangular kernels; the result has
-    kernel ``k1 + (k2 - 1) * s1`` (dilations expanded), stride ``s1 * s2`` and
-    padding ``p1 + p2 * s1``. A transposed conv, a non-zero padding mode or a
-    channel mismatch raises ``ValueError`` with the reason.
-    """
-    for conv in (first, second):
-        check_composable(conv)
-    if first.dims != second.dims:
-        raise ValueError(f"cannot compose a {first.dims}-d conv with a {second.dims}-d conv")
-    if second.in_channels != first.out_channels:
-        raise ValueError(
-            f"channel mismatch: the second conv expects {second.in_channels} input channels, "
-            f"the first produces {first.out_channels}"
-        )
-    value = chain_map([first, second])
-    return to_conv(
-        value, span_padding([first, second]), dtype=first.weight.dtype,
-        bias=first.bias is not None or second.bias is not None,
-    )
-
-
-def fold_batchnorm(conv: ConvParams, running_mean, running_var, weight, bias, eps: float) -> ConvParams:
-    """``BN(conv(x))`` as one conv (eval-mode BatchNorm, its own ``eps``)."""
-    scale, shift = batchnorm_scale_shift(running_mean, running_var, weight, bias, eps)
-    return fold_affine(conv, scale, shift)
-
-
 def fold_affine(conv: ConvParams, scale, shift) -> ConvParams:
     """``conv(x) * scale + shift`` as one conv (per-channel or scalar scale and shift)."""
     c = conv.out_channels
@@ -466,46 +435,3 @@ def fold_affine(conv: ConvParams, scale, shift) -> ConvParams:
     w = conv.weight.detach().to(torch.float64) * scale.reshape((c,) + (1,) * (conv.weight.dim() - 1))
     b = torch.zeros(c, dtype=torch.float64) if conv.bias is None else conv.bias.detach().to(torch.float64)
     return replace(conv, weight=w.to(conv.weight.dtype), bias=(b * scale + shift).to(conv.weight.dtype))
-
-
-def absorb_skip(branch: list[ConvParams], skip: list[ConvParams] | None = None) -> ConvParams:
-    """One conv equal to ``branch(x) + skip(x)``: a residual block merged whole.
-
-    ``branch`` and ``skip`` are conv chains (``skip=None`` or ``[]`` is the identity);
-    the block's padding moves in front of it. The identity becomes a Dirac kernel at
-    the tap that aligns it; a projection shortcut's kernel lands at the offset that
-    aligns it with the branch.
-    """
-    skip = skip or []
-    dims = branch[0].dims
-    pad_branch = span_padding(branch)
-    pad_skip = span_padding(skip) if skip else (0,) * dims
-    total = tuple(max(a, b) for a, b in zip(pad_branch, pad_skip))
-    branch_map = chain_map(branch, leading=tuple(t - p for t, p in zip(total, pad_branch)))
-    skip_lead = tuple(t - p for t, p in zip(total, pad_skip))
-    if skip:
-        skip_map = chain_map(skip, leading=skip_lead)
-    else:
-        skip_map = crop(identity(branch[0].in_channels, dims), skip_lead)
-    if skip_map.stride != branch_map.stride:
-        raise ValueError(
-            f"residual join of a branch with stride {branch_map.stride} and a skip with stride "
-            f"{skip_map.stride}: the grids do not align"
-        )
-    merged = add(branch_map, skip_map)
-    return to_conv(merged, total, dtype=branch[0].weight.dtype)
-
-
-def run_front_padded(x: torch.Tensor, convs: list[ConvParams], affines: list | None = None) -> torch.Tensor:
-    """Reference: the chain with its total padding in front and every conv unpadded."""
-    pad = span_padding(convs)
-    out = F.pad(x, [p for d in reversed(pad) for p in (d, d)])
-    for k, conv in enumerate(convs):
-        out = replace(conv, padding=(0,) * conv.dims)(out)
-        if affines and affines[k] is not None:
-            scale, shift = affines[k]
-            shape = (1, -1) + (1,) * conv.dims
-            out = out * torch.as_tensor(scale, dtype=out.dtype).reshape(shape) + torch.as_tensor(
-                shift, dtype=out.dtype
-            ).reshape(shape)
-    return out

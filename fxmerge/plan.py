@@ -18,7 +18,8 @@ import random as _random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fxmerge.ir import Chain, Entry, Parallel, SpanGraph, span_id
+from fxmerge.cache import write_json
+from fxmerge.ir import Chain, Entry, Parallel, SpanGraph, entry_id, span_id
 
 
 class PlanError(ValueError):
@@ -38,7 +39,7 @@ class Plan:
     @classmethod
     def keep_all(cls, span_graph: SpanGraph) -> Plan:
         """Every unit its own span, nothing pruned: the original network."""
-        chosen = [_keep_option_entry(span_graph, span_graph.single_unit_span(u.id).id) for u in span_graph.units]
+        chosen = [span_graph.keep_entry(u.id) for u in span_graph.units]
         return cls._make(span_graph, chosen, method="keep_all")
 
     @classmethod
@@ -147,12 +148,8 @@ class Plan:
         )
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        """Write the plan as JSON, atomically."""
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -175,14 +172,6 @@ class Plan:
 
 
 # --------------------------------------------------------------------------- helpers
-def _keep_option_entry(span_graph: SpanGraph, sid: str) -> str:
-    span = span_graph.span(sid)
-    for option in span.options:
-        if not option.pruned:
-            return f"{span.id}|{option.id}"
-    raise PlanError(f"span {sid!r} has no option that keeps every conv")
-
-
 def _absorbed(join_id: str, plan: Plan, span_graph: SpanGraph) -> bool:
     return any(join_id in span_graph.span(e.span).joins for e in plan.chosen(span_graph))
 
@@ -220,9 +209,6 @@ def _walk_chain(chain: Chain, span_graph: SpanGraph, chosen_spans: set[str]) -> 
                 _walk_chain(branch, span_graph, chosen_spans)
             k += 1
             continue
-        if step.kind == "fixed":
-            k += 1
-            continue
         raise PlanError(
             f"no chosen span starts at position {here!r}, so the unit after it is not covered; "
             f"expected a span such as {span_id(here, chain.positions[k + 1])!r}"
@@ -256,8 +242,6 @@ class _UniformSampler:
             step = chain.steps[j - 1]
             if step.kind == "parallel":
                 total += counts[j - 1] * self._region_count(step.region)
-            elif step.kind == "fixed":
-                total += counts[j - 1]
             counts[j] = total
         self._counts[key] = counts
         return counts
@@ -278,20 +262,14 @@ class _UniformSampler:
             step = chain.steps[j - 1]
             if step.kind == "parallel":
                 choices.append((counts[j - 1] * self._region_count(step.region), "parallel", step.region))
-            elif step.kind == "fixed":
-                choices.append((counts[j - 1], "fixed", step.region))
             kind, payload = _weighted_pick(choices, rng)
             if kind == "span":
                 span, option = payload
-                chosen.append(f"{span.id}|{option.id}")
+                chosen.append(entry_id(span.id, option.id))
                 j = index[span.start]
-            elif kind == "parallel":
+            else:
                 for branch in payload.branches:
                     chosen.extend(self.sample_chain(branch, rng))
-                j -= 1
-            else:
-                for unit in payload.units:
-                    chosen.append(_keep_option_entry(self.span_graph, self.span_graph.single_unit_span(unit).id))
                 j -= 1
         return chosen
 

@@ -5,11 +5,9 @@ Search space
 The plans of a span graph are the tilings described in :mod:`fxmerge.plan`: along a
 chain, at each position either a chosen span option jumps ahead to the span's end,
 or (before a ``"parallel"`` step) every branch of the region is tiled on its own and
-the walk lands on the join's output, or (before a ``"fixed"`` step) the region's
-units take their single-unit keep-all entries. Nothing crosses a fixed region. A
-plan's predicted latency is the sum of its entries' latencies plus the latency
-table's ``offset_ms`` (what no entry accounts for); its objective is the sum of its
-entries' importances, fixed entries included. ``method`` restricts the options the
+the walk lands on the join's output. A plan's predicted latency is the sum of its
+entries' latencies plus the latency table's ``offset_ms`` (what no entry accounts
+for); its objective is the sum of its entries' importances. ``method`` restricts the options the
 solver may choose, never the structure:
 
 ``"layermerge"``  every entry (LayerMerge, Kim et al., ICML 2024);
@@ -41,8 +39,7 @@ of a partial plan that reaches the position using *at most* ``b`` bins, ``-inf``
 where none fits; curves are non-decreasing in ``b``. A chain starts from the curve
 of "nothing spent yet", which in this at-most convention is all zeros (the
 max-plus δ). An entry edge ``i -> j`` of cost ``c`` and importance ``v`` offers
-``best_i[b - c] + v`` to ``j`` (a shift); a fixed region is one such edge with the
-summed cost and importance of its keep entries; ``best_j`` is the pointwise maximum
+``best_i[b - c] + v`` to ``j`` (a shift); ``best_j`` is the pointwise maximum
 of all offers, and the argmax per ``b`` is kept as the back-pointer.
 
 A parallel region combines its branches by max-plus convolution,
@@ -72,7 +69,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fxmerge.ir import Chain, Fixed, Option, Parallel, Span, SpanGraph
+from fxmerge.ir import Chain, Option, Parallel, Span, SpanGraph, entry_id
 from fxmerge.plan import Plan, chain_spans
 
 __all__ = [
@@ -200,10 +197,7 @@ def plan_importance(plan: Plan | Iterable[str], importance_table) -> float:
 # ------------------------------------------------------------------ compiled chains
 @dataclass(frozen=True)
 class _Jump:
-    """Arrive from position ``start`` of the same chain through ``entries``.
-
-    One entry for a span option; a fixed region's keep entries for a fixed step.
-    """
+    """Arrive from position ``start`` of the same chain through ``entries`` (one span option)."""
 
     start: int
     entries: tuple[str, ...]
@@ -225,9 +219,9 @@ class _Program:
 
 def _admits(method: str) -> Callable[[Span, Option], bool]:
     if method == "layermerge":
-        return lambda span, option: True
+        return lambda _span, _option: True
     if method == "depth":
-        return lambda span, option: not option.pruned
+        return lambda _span, option: not option.pruned
     if method == "layer":
         return lambda span, option: not span.joins and len(span.units) - len(option.pruned) == 1
     raise ValueError(
@@ -249,14 +243,11 @@ def _compile_chain(
             f"but {len(chain.steps)} steps"
         )
     index = {p: k for k, p in enumerate(chain.positions)}
-    fixed = [k for k, step in enumerate(chain.steps) if step.kind == "fixed"]
     arrivals: list[list[_Jump | _Walk]] = [[] for _ in chain.positions]
     for span in chain_spans(chain, span_graph):
         i, j = index[span.start], index[span.end]
-        if any(i <= k < j for k in fixed):
-            continue  # nothing crosses a fixed region; its units keep their own spans
         arrivals[j].extend(
-            _Jump(i, (f"{span.id}|{option.id}",)) for option in span.options if admits(span, option)
+            _Jump(i, (entry_id(span.id, option.id),)) for option in span.options if admits(span, option)
         )
     for k, step in enumerate(chain.steps):
         if step.kind == "parallel":
@@ -266,24 +257,9 @@ def _compile_chain(
                 )
             branches = tuple(_compile_chain(b, span_graph, admits) for b in step.region.branches)
             arrivals[k + 1].append(_Walk(branches))
-        elif step.kind == "fixed":
-            if not isinstance(step.region, Fixed):
-                raise ValueError(f"fixed step after {chain.positions[k]!r} has no Fixed region")
-            keep = tuple(_keep_entry(span_graph, unit) for unit in step.region.units)
-            arrivals[k + 1].append(_Jump(k, keep))
         elif step.kind != "unit":
             raise ValueError(f"unknown step kind {step.kind!r} after {chain.positions[k]!r}")
     return _Program(tuple(tuple(a) for a in arrivals))
-
-
-def _keep_entry(span_graph: SpanGraph, unit_id: str) -> str:
-    span = span_graph.single_unit_span(unit_id)
-    for option in span.options:
-        if not option.pruned:
-            return f"{span.id}|{option.id}"
-    raise ValueError(
-        f"span {span.id!r} of fixed unit {unit_id!r} has no option that keeps its conv"
-    )
 
 
 def _entry_ids(programs: Iterable[_Program]) -> Iterator[str]:

@@ -134,9 +134,105 @@ def test_nothing_to_merge_gives_a_report(tmp_path):
 
 def test_target_parsing():
     from fxmerge.api import parse_target
+    from fxmerge.loop import Target
 
-    assert parse_target("60%", 10.0) == pytest.approx(6.0)
-    assert parse_target("2.5ms", 10.0) == 2.5
-    assert parse_target(3, 10.0) == 3.0
+    assert parse_target("60%") == Target(ratio=pytest.approx(0.6))
+    assert parse_target("2.5ms") == Target(ms=2.5)
+    assert parse_target(3) == Target(ms=3.0)
     with pytest.raises(ValueError, match="cannot read"):
-        parse_target("fast", 10.0)
+        parse_target("fast")
+
+
+class BiasedBackend(FlopsBackend):
+    """Whole models run ``bias`` × as fast as the sum of their convs timed alone says.
+
+    The latency table only ever times convs alone; calibration absorbs the bias of
+    the original into one offset, so a solved plan is mispredicted by a known amount,
+    which only measuring the merged model end to end can reveal.
+    """
+
+    name = "biased"
+
+    def __init__(self, bias: float, fixed_ms: float = 0.0):
+        self.bias, self.fixed_ms = bias, fixed_ms
+
+    def measure(self, module, example_input):
+        from fxmerge.latency import Measurement
+
+        alone = super().measure(module, example_input).median_ms
+        whole = isinstance(module, torch.fx.GraphModule)
+        ms = self.bias * alone + self.fixed_ms if whole else alone
+        return Measurement(ms, 0.0, 1, 0, 1, 1)
+
+
+class Ladder(nn.Module):
+    """Alternating 3×3 and 1×1 conv-BN-ReLU layers: plans whose latencies differ by fine steps."""
+
+    def __init__(self, blocks: int = 8, width: int = 12):
+        super().__init__()
+        layers = [nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        for _ in range(blocks):
+            for kernel in (3, 1):
+                layers += [nn.Conv2d(width, width, kernel, padding=kernel // 2), nn.BatchNorm2d(width), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("bias", [0.5, 1.6])
+def test_closed_loop_meets_the_target_as_measured(tmp_path, bias):
+    torch.manual_seed(0)
+    model = Ladder().eval()
+    x = torch.randn(1, 1, 16, 16)
+    kwargs = dict(backend=BiasedBackend(bias), importance="distortion", cache_dir=tmp_path, progress=False, max_kernel=5)
+    trusting = fxmerge.compress(model, x, "70%", closed_loop=False, **kwargs)
+    result = fxmerge.compress(model, x, "70%", **kwargs)
+    report = result.report
+    assert report.target_met, report.to_markdown()
+    assert abs(report.measured_ratio / 0.7 - 1) <= 0.03
+    assert 1 <= len(report.rounds) <= 4 and report.rounds[0].predicted_ms == trusting.report.predicted_ms
+    assert any("closed loop: met" in note for note in report.notes)
+    # the plan the table alone picks misses the target by the bias the table cannot see
+    backend = BiasedBackend(bias)
+    original = backend.measure(fxmerge.merge(torch.fx.symbolic_trace(model.eval())), x).median_ms
+    missed = backend.measure(trusting.merge(), x).median_ms / original
+    assert abs(missed / 0.7 - 1) > 0.03
+
+
+def test_closed_loop_reports_plainly_when_it_cannot_meet_the_target(trained, tmp_path):
+    from fxmerge.api import TargetUnreachable
+
+    model, _, val = trained
+    x = torch.randn(1, 1, 32, 32)
+    backend = BiasedBackend(1.0, fixed_ms=6.0)  # a fixed cost no merge removes
+    with pytest.raises(TargetUnreachable, match=r"target 20% cannot be met on biased .*the smallest achievable is "
+                       r"[\d.]+% of the original, measured on the fastest plan .*ask for \d+% or more") as info:
+        fxmerge.compress(model, x, "20%", backend=backend, data=val[:1], cache_dir=tmp_path, progress=False)
+    assert info.value.unit == "fraction" and info.value.smallest > 0.2
+
+
+def test_compress_traces_the_model_once(trained, tmp_path, monkeypatch):
+    """Capture runs once per compress; the stages after it work on the captured graph."""
+    calls = []
+    original = torch.fx.Tracer.trace
+
+    def counting(self, root, *args, **kwargs):
+        calls.append(type(root).__name__)
+        return original(self, root, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.Tracer, "trace", counting)
+    model, _, val = trained
+    fxmerge.compress(model, torch.randn(1, 1, 32, 32), "70%", backend="eager", importance="distortion",
+                     cache_dir=tmp_path, progress=False, max_kernel=5)
+    assert calls == ["DigitsNet"], calls
+
+
+def test_target_at_or_above_the_original_changes_nothing(trained, tmp_path):
+    model, _, _ = trained
+    x = torch.randn(2, 1, 32, 32)
+    result = fxmerge.compress(model, x[:1], "100%", backend=FlopsBackend(), cache_dir=tmp_path, progress=False)
+    assert result.report.unchanged and result.report.convs_after == result.report.convs_before
+    assert any("nothing to compress" in note for note in result.report.notes)
+    with torch.no_grad():
+        assert rel(result.merge()(x), model(x)) <= 1e-5

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import fxmerge
-from fxmerge.analysis import analyze_captured
+from fxmerge.api import analyze_captured
 from fxmerge.capture import CaptureError, capture, capture_backend_graph
+from fxmerge.fxutil import shape_of
 from tests.models import TopLevelUntraceable, build, example_input
 
 
@@ -44,22 +46,21 @@ def test_training_mode_model_is_analysed_in_eval_mode():
 def test_capture_records_shapes_and_dtypes():
     captured = capture(build("downsample_block"), example_input("downsample_block"))
     assert captured.form == "symbolic_trace"
-    shapes = {n.name: n.meta.get("fxmerge_shape") for n in captured.gm.graph.nodes}
+    shapes = {n.name: shape_of(n) for n in captured.gm.graph.nodes}
     assert shapes["x"] == (1, 3, 32, 32)
     assert shapes["conv1"] == (1, 16, 16, 16)
     assert shapes["downsample_0"] == (1, 16, 16, 16)
     assert all(
-        n.meta["fxmerge_dtype"] == torch.float32
+        n.meta["tensor_meta"].dtype == torch.float32
         for n in captured.gm.graph.nodes
-        if n.op not in ("output", "get_attr") and "fxmerge_shape" in n.meta
+        if n.op not in ("output", "get_attr") and shape_of(n) is not None
     )
 
 
 def test_shapes_come_from_the_real_run_when_meta_cannot_run_the_model():
     """A kept-whole leaf with data-dependent control flow cannot run on the meta device."""
     captured = capture(build("untraceable_child"), example_input("untraceable_child"))
-    shapes = {n.name: n.meta.get("fxmerge_shape") for n in captured.gm.graph.nodes}
-    assert shapes["gate"] == (1, 8, 16, 16)
+    assert shape_of(next(n for n in captured.gm.graph.nodes if n.name == "gate")) == (1, 8, 16, 16)
 
 
 # --------------------------------------------------------------------------- inputs and outputs
@@ -118,9 +119,64 @@ def test_untraceable_submodule_is_kept_whole_and_reported():
 
 
 def test_untraceable_top_level_forward_raises_capture_error():
-    with pytest.raises(fxmerge.CaptureError, match=r"own forward.*data-dependent|control flow") as info:
+    with pytest.raises(fxmerge.CaptureError, match=r"control flow") as info:
         fxmerge.analyze(TopLevelUntraceable().eval(), torch.randn(1, 3, 16, 16))
-    assert "torch.export" in str(info.value)  # says what to do instead
+    assert "torch.export (strict=False)" in str(info.value)  # the fallback was tried, and said so
+    assert "torch.export-ed program" in str(info.value)  # says what to do instead
+
+
+class _ShapeGuarded(nn.Module):
+    """smp's ``check_input_shape``: Python control flow on the input's shape at the top level."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        if x.shape[-1] % 8 != 0:
+            raise ValueError("the input size must be divisible by 8")
+        return self.body(x)
+
+
+class _OptionalArguments(nn.Module):
+    """diffusers' UNet2DModel: optional arguments tested with ``is None`` and a return flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.embed = nn.Embedding(4, 8)
+
+    def forward(self, x, t, class_labels=None, return_dict=True):
+        h = self.body(x) + t.reshape(-1, 1, 1, 1)
+        if class_labels is not None:
+            h = h + self.embed(class_labels)[:, :, None, None]
+        return {"sample": h} if return_dict else (h,)
+
+
+def test_top_level_control_flow_falls_back_to_export_and_says_so():
+    captured = capture(_ShapeGuarded().eval(), torch.randn(1, 3, 16, 16))
+    assert captured.form == "export"
+    assert any("torch.export (strict=False)" in note for note in captured.notes)
+    graph = analyze_captured(captured)
+    assert "src:x->body.3" in {s.id for s in graph.spans}
+
+
+def test_arguments_not_given_keep_their_python_defaults():
+    model, x, t = _OptionalArguments().eval(), torch.randn(1, 3, 8, 8), torch.tensor([3.0])
+    captured = capture(model, (x, t))
+    assert captured.form == "symbolic_trace" and captured.notes == ()
+    assert [n.target for n in captured.gm.graph.nodes if n.op == "placeholder"] == ["x", "t"]
+    assert not any(n.op == "call_module" and n.target == "embed" for n in captured.gm.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(captured.gm(x, t)["sample"], model(x, t)["sample"])
+    graph = analyze_captured(captured)
+    assert "src:x->body.2" in {s.id for s in graph.spans}
+
+
+def test_missing_required_argument_is_a_clear_error():
+    with pytest.raises(CaptureError, match=r"needs argument\(s\) \['t'\]"):
+        capture(_OptionalArguments().eval(), torch.randn(1, 3, 8, 8))
 
 
 # --------------------------------------------------------------------------- three graph forms

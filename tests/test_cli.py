@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from fxmerge.cli import CLIError, load_model, main, parse_shape
+from fxmerge.cli import CLIError, is_user_error, load_model, main, parse_shape
+from fxmerge.passes.merge import MergeError
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = str(ROOT / "tests" / "models.py")
@@ -134,6 +136,34 @@ def test_inspect_torchvision(capsys):
     assert "ResNet: 20 units, 8 joins" in out
 
 
+def test_inspect_shows_coverage(capsys):
+    status, out, _ = run(capsys, "inspect", f"{MODELS}:BasicBlock", "--input-shape", "1,3,16,16")
+    assert status == 0
+    summary = out.strip().splitlines()[-1]
+    assert re.search(r", coverage \d+% of convs", summary), summary
+    assert "Low coverage" not in out  # BasicBlock merges: no rejection reasons listed
+    status, out, _ = run(capsys, "inspect", f"{MODELS}:BasicBlock", "--input-shape", "1,3,16,16", "--json")
+    data = json.loads(out)
+    assert 0 < data["coverage"] <= 1
+    assert data["summary"]["coverage_percent"] == round(100 * data["coverage"], 1)
+    assert data["summary"]["low_coverage"] is False
+
+
+def test_low_coverage_lists_the_top_rejection_reasons(capsys):
+    # every conv kept out of spans: nothing to merge, and the reason is the exclusion
+    excluded = ("--exclude", "stem", "--exclude", "conv1", "--exclude", "conv2")
+    argv = ("inspect", f"{MODELS}:BasicBlock", "--input-shape", "1,3,16,16", *excluded)
+    status, out, _ = run(capsys, *argv)
+    assert status == 0
+    assert "coverage 0% of convs" in out.strip().splitlines()[-1]
+    assert "Low coverage: only 0% of convs" in out and "Most common rejection reasons:" in out
+    assert "3× excluded by the user" in out
+    status, out, _ = run(capsys, *argv, "--json")
+    data = json.loads(out)
+    assert data["coverage"] == 0 and data["summary"]["low_coverage"] is True
+    assert data["top_rejection_reasons"][0]["reason"] == "excluded by the user"
+
+
 # --------------------------------------------------------------------------- errors
 def test_user_errors_exit_2_without_traceback(capsys):
     status, _, err = run(capsys, "inspect", "torchvision:not_a_model")
@@ -142,7 +172,7 @@ def test_user_errors_exit_2_without_traceback(capsys):
     status, _, err = run(capsys, "inspect", f"{MODELS}:ConvChain", "--input-shape", "1,4,16,16")
     assert status == 2 and "fxmerge: error: running ConvChain on the example input failed" in err
     status, _, err = run(capsys, "inspect", "tests.models:TopLevelUntraceable", "--input-shape", "1,3,16,16")
-    assert status == 2 and "fxmerge: error: cannot trace TopLevelUntraceable" in err
+    assert status == 2 and "fxmerge: error: cannot capture TopLevelUntraceable: cannot trace TopLevelUntraceable" in err
 
 
 def test_argument_errors_exit_2(capsys):
@@ -156,6 +186,48 @@ def test_argument_errors_exit_2(capsys):
 def test_debug_shows_the_traceback():
     with pytest.raises(CLIError):
         main(["--debug", "inspect", "nope"])
+
+
+def test_value_errors_from_arguments_stay_user_errors(capsys):
+    with pytest.raises(SystemExit) as info:  # was a ValueError from analyze, now checked by the parser
+        main(["inspect", "torchvision:resnet18", "--max-kernel", "0"])
+    assert info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MergeError("span a->b: offsets disagree"), AssertionError("impossible"), KeyError("unit")],
+    ids=["MergeError", "AssertionError", "KeyError"],
+)
+def test_internal_errors_show_the_traceback(capsys, monkeypatch, error):
+    def analyze(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("fxmerge.cli.common.analyze", analyze)
+    status, _, err = run(capsys, "inspect", f"{MODELS}:BasicBlock", "--input-shape", "1,3,16,16")
+    assert status == 1
+    assert "Traceback (most recent call last)" in err and "in analyze" in err
+    assert f"fxmerge: internal error: {type(error).__name__}" in err and "please report it" in err
+    assert "fxmerge: error:" not in err
+    with pytest.raises(type(error)):
+        main(["--debug", "inspect", f"{MODELS}:BasicBlock", "--input-shape", "1,3,16,16"])
+
+
+def test_a_closed_stdout_is_not_an_error(capsys, monkeypatch):
+    def analyze(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")  # as print() raises under `fxmerge inspect ... | head`
+
+    monkeypatch.setattr("fxmerge.cli.common.analyze", analyze)
+    status, _, err = run(capsys, "inspect", f"{MODELS}:BasicBlock", "--input-shape", "1,3,16,16")
+    assert status == 141 and err == ""
+
+
+def test_a_missing_fxmerge_module_is_a_bug_a_missing_package_is_not():
+    assert is_user_error(ModuleNotFoundError("No module named 'tensorrt'", name="tensorrt"))
+    assert not is_user_error(ModuleNotFoundError("No module named 'fxmerge.gone'", name="fxmerge.gone"))
+    assert not is_user_error(ImportError("cannot import name 'x' from 'fxmerge.cache'"))
+    assert is_user_error(FileNotFoundError("plan.json")) and not is_user_error(OSError("disk full"))
+    assert is_user_error(CLIError("bad")) and not is_user_error(MergeError("bad")) and not is_user_error(ValueError())
 
 
 def test_python_dash_m():
@@ -233,7 +305,7 @@ def flops_backend(name, **settings):
 
 @pytest.fixture
 def flops(monkeypatch):
-    monkeypatch.setattr("fxmerge.cli.latency_backend", flops_backend)
+    monkeypatch.setattr("fxmerge.cli.common.latency_backend", flops_backend)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +318,7 @@ def compressed(tiny, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
-        patch.setattr("fxmerge.cli.latency_backend", flops_backend)
+        patch.setattr("fxmerge.cli.common.latency_backend", flops_backend)
         status = main([
             "compress", tiny, *SHAPE, "--target", "60%", "--cache-dir", str(cache), "--out", str(out), "--no-progress",
         ])
@@ -385,10 +457,45 @@ def test_unreachable_target_names_the_smallest_latency(tiny, flops, tmp_path, ca
         "--out", str(tmp_path / "o"), "--no-progress",
     )
     assert status == 2
-    found = re.search(r"--target 0.0001ms cannot be met on flops: the smallest achievable latency is ([\d.]+) ms; use --target ([\d.]+)ms", err)
+    found = re.search(
+        r"target 0.0001 ms cannot be met on flops \(1 thread\(s\)\): the smallest achievable latency is "
+        r"([\d.]+) ms, measured on the fastest plan fxmerge can build \(the original: [\d.]+ ms\); "
+        r"ask for ([\d.]+) ms or more", err)
     assert found, err
     smallest, suggested = map(float, found.groups())
     assert 0.0001 < smallest <= suggested
+    assert err.count(found.group(1)) == 1  # named once
+    assert not (tmp_path / "o").exists()  # a failed run leaves no empty output directory
+
+
+def test_unreachable_percentage_target_is_named_in_percent(tiny, flops, tmp_path, capsys):
+    status, _, err = run(
+        capsys, "compress", tiny, *SHAPE, "--target", "1%", "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(tmp_path / "o"), "--no-progress",
+    )
+    found = re.search(r"the smallest achievable is ([\d.]+)% of the original", err)
+    assert status == 2 and found, err
+    assert re.search(rf"ask for {math.ceil(float(found.group(1)))}% or more", err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_target_without_the_loop_names_the_predicted_minimum(tiny, flops, tmp_path, capsys):
+    status, _, err = run(
+        capsys, "compress", tiny, *SHAPE, "--target", "0.0001ms", "--no-loop", "--cache-dir",
+        str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress",
+    )
+    assert status == 2 and "as predicted by the latency table (the loop is off)" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_target_at_or_above_the_original_writes_nothing(tiny, flops, tmp_path, capsys):
+    status, out, err = run(
+        capsys, "compress", tiny, *SHAPE, "--target", "150%", "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(tmp_path / "o"), "--no-progress",
+    )
+    assert status == 0, err
+    assert "nothing to compress" in out and "no files written" in out
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(("target", "message"), [("fast", "cannot read target 'fast'"), ("0%", "outside"), ("-3", "must be positive")])
@@ -426,6 +533,25 @@ def test_merge_errors(tiny, compressed, tmp_path, capsys):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     status, _, err = run(capsys, "merge", tiny, *plan, "--weights", str(tmp_path / "junk.pt"), "--out", str(tmp_path))
     assert status == 2 and "cannot read" in err and "state_dict" in err
+
+
+def test_a_file_that_is_not_a_plan(tiny, tmp_path, capsys):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    status, _, err = run(capsys, "merge", tiny, *SHAPE, "--plan", str(tmp_path / "list.json"), "--out", str(tmp_path))
+    assert status == 2 and "is not an fxmerge plan" in err and "Traceback" not in err
+    status, _, err = run(capsys, "merge", tiny, *SHAPE, "--plan", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert status == 2 and "is a directory" in err
+
+
+def test_merge_error_on_our_own_plan_is_a_bug(tiny, compressed, tmp_path, capsys, monkeypatch):
+    def merge(gm, plan=None):
+        raise MergeError("span stem.0->add: the marked span does not match its plan")
+
+    monkeypatch.setattr("fxmerge.cli.merge.merge_spans", merge)
+    out, _, _ = compressed
+    status, _, err = run(capsys, "merge", tiny, "--plan", str(out / "plan.json"), "--out", str(tmp_path))
+    assert status == 1 and "Traceback (most recent call last)" in err
+    assert "fxmerge: internal error: MergeError: span stem.0->add" in err and "please report it" in err
 
 
 def test_bench_errors(tiny, compressed, capsys):

@@ -10,7 +10,7 @@ import torchvision
 
 import fxmerge
 from fxmerge.dynamo import fxmerge_backend
-from fxmerge.passes.match import conv_info
+from fxmerge.nodes import conv_site as conv_info
 from fxmerge.plan import Plan
 from tests.test_merge import expected_convs, randomise_bn, rel
 

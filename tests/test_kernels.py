@@ -24,26 +24,29 @@ from torch import nn
 
 from fxmerge.kernels import (
     ConvParams,
-    absorb_skip,
     add,
     batchnorm_scale_shift,
     cat,
-    chain_map,
-    check_composable,
     coarsest_groups,
-    compose,
     crop,
     dense_weight,
     fold_affine,
-    fold_batchnorm,
     group_connectivity,
     identity,
+    then_conv,
+    to_conv,
+)
+from tests.kernel_reference import (
+    absorb_skip,
+    chain_map,
+    check_composable,
+    compose,
+    conv_params,
+    fold_batchnorm,
     run_front_padded,
     span_padding,
     then_batchnorm,
-    then_conv,
     then_conv_params,
-    to_conv,
 )
 
 N_CASES = 600
@@ -133,7 +136,7 @@ def _run_unpadded(x: torch.Tensor, convs: list[nn.Module], bns: list) -> torch.T
 
 
 def _params(convs: list[nn.Module]) -> list[ConvParams]:
-    return [ConvParams.from_module(c) for c in convs]
+    return [conv_params(c) for c in convs]
 
 
 def _affines(bns: list) -> list:
@@ -142,7 +145,7 @@ def _affines(bns: list) -> list:
 
 def _folded(convs: list[nn.Module], bns: list) -> list[ConvParams]:
     return [
-        ConvParams.from_module(c) if bn is None else fold_batchnorm(ConvParams.from_module(c), *_bn_args(bn))
+        conv_params(c) if bn is None else fold_batchnorm(conv_params(c), *_bn_args(bn))
         for c, bn in zip(convs, bns)
     ]
 
@@ -438,8 +441,8 @@ def test_non_zero_padding_mode_is_refused(mode, position):
 
 
 def test_channel_mismatch_is_refused():
-    first = ConvParams.from_module(nn.Conv2d(3, 4, 3))
-    second = ConvParams.from_module(nn.Conv2d(5, 2, 1))
+    first = conv_params(nn.Conv2d(3, 4, 3))
+    second = conv_params(nn.Conv2d(5, 2, 1))
     with pytest.raises(ValueError, match="channel mismatch: the second conv expects 5 input channels, the first produces 4"):
         compose(first, second)
     with pytest.raises(ValueError, match="channel mismatch: the conv expects 5 input channels but its input has 4"):
@@ -454,8 +457,8 @@ def test_channel_mismatch_is_refused():
 
 
 def test_transposed_conv_is_refused():
-    transposed = ConvParams.from_module(nn.ConvTranspose2d(3, 3, 3, stride=2))
-    plain = ConvParams.from_module(nn.Conv2d(3, 3, 3))
+    transposed = conv_params(nn.ConvTranspose2d(3, 3, 3, stride=2))
+    plain = conv_params(nn.Conv2d(3, 3, 3))
     assert transposed.transposed
     message = "cannot compose a transposed convolution"
     with pytest.raises(ValueError, match=message):
@@ -468,40 +471,40 @@ def test_transposed_conv_is_refused():
         chain_map([plain, transposed])
     with pytest.raises(ValueError, match=message):
         then_conv_params(identity(3, 2), transposed)
-    transposed_1d = ConvParams.from_module(nn.ConvTranspose1d(2, 2, 3))
+    transposed_1d = conv_params(nn.ConvTranspose1d(2, 2, 3))
     with pytest.raises(ValueError, match=message):
-        compose(ConvParams.from_module(nn.Conv1d(2, 2, 1)), transposed_1d)
+        compose(conv_params(nn.Conv1d(2, 2, 1)), transposed_1d)
 
 
 def test_join_of_different_strides_is_refused():
-    fine = chain_map([ConvParams.from_module(nn.Conv2d(3, 3, 3))])
-    coarse = chain_map([ConvParams.from_module(nn.Conv2d(3, 3, 3, stride=2))])
+    fine = chain_map([conv_params(nn.Conv2d(3, 3, 3))])
+    coarse = chain_map([conv_params(nn.Conv2d(3, 3, 3, stride=2))])
     with pytest.raises(ValueError, match=re.escape("cannot join maps with different strides [(1, 1), (2, 2)]")):
         add(fine, coarse)
     with pytest.raises(ValueError, match="cannot join maps with different strides"):
         cat(coarse, fine)
-    rows = chain_map([ConvParams.from_module(nn.Conv2d(3, 3, 1, stride=(2, 1)))])
-    cols = chain_map([ConvParams.from_module(nn.Conv2d(3, 3, 1, stride=(1, 2)))])
+    rows = chain_map([conv_params(nn.Conv2d(3, 3, 1, stride=(2, 1)))])
+    cols = chain_map([conv_params(nn.Conv2d(3, 3, 1, stride=(1, 2)))])
     with pytest.raises(ValueError, match="cannot join maps with different strides"):
         add(rows, cols)
-    strided = [ConvParams.from_module(nn.Conv2d(3, 3, 3, stride=2, padding=1))]
+    strided = [conv_params(nn.Conv2d(3, 3, 3, stride=2, padding=1))]
     with pytest.raises(ValueError, match=re.escape("residual join of a branch with stride (2, 2) and a skip with stride (1, 1)")):
         absorb_skip(strided)  # identity skip
     with pytest.raises(ValueError, match="the grids do not align"):
-        absorb_skip(strided, [ConvParams.from_module(nn.Conv2d(3, 3, 1, stride=(2, 1)))])
+        absorb_skip(strided, [conv_params(nn.Conv2d(3, 3, 1, stride=(2, 1)))])
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_string_padding_is_refused(padding):
     with pytest.raises(ValueError, match=re.escape(f"padding={padding!r}; resolve it to explicit integers")):
-        ConvParams.from_module(nn.Conv2d(3, 3, 3, padding=padding))
+        conv_params(nn.Conv2d(3, 3, 3, padding=padding))
     with pytest.raises(ValueError, match=re.escape(f"padding={padding!r}")):
-        ConvParams.from_module(nn.Conv1d(3, 3, 4, padding=padding))
+        conv_params(nn.Conv1d(3, 3, 4, padding=padding))
 
 
 def test_other_refusals_state_their_reason():
-    conv1d = ConvParams.from_module(nn.Conv1d(3, 3, 3))
-    conv2d = ConvParams.from_module(nn.Conv2d(3, 3, 3))
+    conv1d = conv_params(nn.Conv1d(3, 3, 3))
+    conv2d = conv_params(nn.Conv2d(3, 3, 3))
     with pytest.raises(ValueError, match="cannot compose a 1-d conv with a 2-d conv"):
         compose(conv1d, conv2d)
     with pytest.raises(ValueError, match="cannot compose a 2-d conv with a 1-d span"):
@@ -523,15 +526,15 @@ def test_fold_batchnorm_matches_eval_batchnorm(conv_bias, affine):
     bn = _batchnorm(gen, 2, 6, eps=0.05, affine=affine, var_low=0.01)
     x = torch.randn(2, 4, 9, 8, generator=gen)
     expected = bn(conv(x))
-    folded = fold_batchnorm(ConvParams.from_module(conv), *_bn_args(bn))
+    folded = fold_batchnorm(conv_params(conv), *_bn_args(bn))
     assert (folded.stride, folded.padding, folded.dilation, folded.groups) == ((2, 1), (1, 0), (1, 2), 2)
     assert folded.weight.dtype == torch.float32 and folded.bias is not None
     assert _rel(folded(x), expected) <= 1e-6
     # the BatchNorm's own eps is used: folding with the default one is visibly off
-    default_eps = fold_batchnorm(ConvParams.from_module(conv), bn.running_mean, bn.running_var, bn.weight, bn.bias, 1e-5)
+    default_eps = fold_batchnorm(conv_params(conv), bn.running_mean, bn.running_var, bn.weight, bn.bias, 1e-5)
     assert _rel(default_eps(x), expected) > 1e-3
     # the same scale and shift through the LinearMap path
-    value = then_batchnorm(chain_map([ConvParams.from_module(conv)]), *_bn_args(bn))
+    value = then_batchnorm(chain_map([conv_params(conv)]), *_bn_args(bn))
     assert _rel(to_conv(value, (1, 0))(x), expected) <= 1e-6
 
 
@@ -540,9 +543,9 @@ def test_fold_affine_per_channel_and_scalar():
     conv = _conv(gen, 1, 3, 4, 3, 1, 1, 1, 1, False)
     x = torch.randn(2, 3, 10, generator=gen)
     scale, shift = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
-    per_channel = fold_affine(ConvParams.from_module(conv), scale, shift)
+    per_channel = fold_affine(conv_params(conv), scale, shift)
     assert _rel(per_channel(x), conv(x) * scale[:, None] + shift[:, None]) <= 1e-6
-    scalar = fold_affine(ConvParams.from_module(conv), 2.5, -0.75)
+    scalar = fold_affine(conv_params(conv), 2.5, -0.75)
     assert _rel(scalar(x), conv(x) * 2.5 - 0.75) <= 1e-6
 
 
@@ -695,7 +698,7 @@ def test_projection_shortcut_lands_at_the_aligned_tap():
 def test_to_module_round_trip():
     gen = torch.Generator().manual_seed(15)
     conv = _conv(gen, 2, 4, 6, (3, 1), (1, 2), (2, 1), (1, 0), 2, True)
-    params = ConvParams.from_module(conv)
+    params = conv_params(conv)
     module = params.to_module()
     assert isinstance(module, nn.Conv2d)
     assert (module.stride, module.padding, module.dilation, module.groups) == ((1, 2), (1, 0), (2, 1), 2)

@@ -49,7 +49,7 @@ def test_keep_all_is_the_original_network():
     assert not any(is_marker(n, SPAN_PAD) for n in lin.graph.nodes)
 
 
-def test_user_model_untouched_and_plan_attached():
+def test_user_model_untouched_and_plan_marked_in_the_graph():
     model = _randomise_bn(Chain())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 16, 16)
@@ -58,7 +58,7 @@ def test_user_model_untouched_and_plan_attached():
         sg, [e.id for e in sg.entries if e.span == "src:x->c3" and e.option.id == "keep"]
     )
     lin = fxmerge.linearize(model, x, plan, span_graph=sg)
-    assert lin.fxmerge_plan == plan
+    assert [n.args[2] for n in lin.graph.nodes if is_marker(n, SPAN_PAD)] == ["src:x->c3"]  # the plan rides along
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert any(isinstance(m, nn.Conv2d) for m in model.modules())
     # one span over three convs: two ReLUs gone, one pad in front, every conv unpadded
@@ -93,3 +93,98 @@ def test_stale_and_foreign_plans_are_refused():
     shrunk = fxmerge.analyze(chain, x, max_kernel=3)  # the 7x7 span no longer exists
     with pytest.raises(fxmerge.PlanError, match="stale"):
         whole.validate(shrunk)
+
+
+# --------------------------------------------------------------------------- regressions (issue #13)
+class TrailingIdentity(nn.Module):
+    """conv → BN → ReLU → Identity, twice: timm's anti-aliasing / attention ``Identity`` after the act."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.a1, self.i1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity()
+        self.c2, self.b2, self.a2, self.i2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity()
+        self.c3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.i1(self.a1(self.b1(self.c1(x))))
+        x = self.i2(self.a2(self.b2(self.c2(x))))
+        return self.c3(x)
+
+
+def _every_plan_merges(model, x, sg, plans, tol=1e-5):
+    for plan in plans:
+        lin = fxmerge.linearize(model, x, plan, span_graph=sg).eval()
+        merged = fxmerge.merge(lin)
+        with torch.no_grad():
+            assert rel(merged(x), lin(x)) <= tol, plan.describe(sg)
+
+
+def _plans_through(sg, *span_ids):
+    """Plans choosing each option of the named spans, every other unit kept."""
+    plans = []
+    for span_id in span_ids:
+        span = sg.span(span_id)
+        for option in span.options:
+            others = [sg.keep_entry(u.id) for u in sg.units if u.id not in span.units]
+            plans.append(fxmerge.Plan.from_entries(sg, [f"{span.id}|{option.id}", *others]))
+    return plans
+
+
+def test_unit_ending_in_activation_then_identity_merges():
+    model = _randomise_bn(TrailingIdentity())
+    x = torch.randn(1, 3, 12, 12)
+    sg = fxmerge.analyze(model, x)
+    assert sg.unit("c1").activation_node == "a1" and sg.position("c1").node == "i1"
+    _every_plan_merges(model, x, sg, _plans_through(sg, "src:x->c2", "c1->c3", "src:x->c3"))
+
+
+def test_export_form_graph_linearizes_and_runs():
+    """aten.conv2d takes its stride as a list: unpadding must not fill it with an int."""
+    model = _randomise_bn(Chain())
+    x = torch.randn(1, 3, 16, 16)
+    program = torch.export.export(model, (x,))
+    sg = fxmerge.analyze(program.module(), x)
+    plan = fxmerge.Plan.random(sg, seed=1)
+    lin = fxmerge.linearize(program.module(), x, plan, span_graph=sg).eval()
+    with torch.no_grad():
+        assert rel(fxmerge.merge(lin)(x), lin(x)) <= 1e-5
+    _every_plan_merges(program.module(), x, sg, _plans_through(sg, "src:x->c3"))
+
+
+def test_exported_program_is_accepted_by_linearize():
+    model = _randomise_bn(Chain())
+    x = torch.randn(1, 3, 16, 16)
+    program = torch.export.export(model, (x,))
+    sg = fxmerge.analyze(program, x)
+    lin = fxmerge.linearize(program, x, fxmerge.Plan.keep_all(sg)).eval()
+    with torch.no_grad():
+        assert rel(lin(x), model(x)) <= 1e-6
+
+
+class NoActivationThenSpan(nn.Module):
+    """c1 (no activation) → c2 → ReLU → c3: pruning c2, whose unit ends without an activation
+    before the next span starts, must not delete the node that marks the next span's start."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c4 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.b2(self.c2(x))
+        return self.c4(torch.relu(self.c3(x)))
+
+
+def test_pruned_last_unit_without_activation_keeps_next_span_start():
+    model = _randomise_bn(NoActivationThenSpan())
+    x = torch.randn(1, 3, 12, 12)
+    sg = fxmerge.analyze(model, x)
+    assert sg.unit("c2").activation is None
+    plan = fxmerge.Plan.from_entries(sg, ["src:x->c2|prune:c2", "c2->c4|keep"])
+    _every_plan_merges(model, x, sg, [plan])
+    _every_plan_merges(model, x, sg, [fxmerge.Plan.from_entries(sg, ["src:x->c2|prune:c2", "c2->c3|keep", "c3->c4|keep"])])

@@ -9,7 +9,9 @@ from torch import nn
 
 import fxmerge
 from fxmerge.capture import capture
-from fxmerge.passes.match import affine_info, conv_info, is_transparent, join_info, match
+from fxmerge.fxutil import shape_of
+from fxmerge.nodes import affine_site, conv_site, is_transparent, join_site
+from fxmerge.passes.match import match
 from tests.models import CASES, FunctionalActivations, build, example_input
 
 
@@ -167,9 +169,8 @@ def test_scalar_affines_fold_and_identity_ops_are_transparent():
     assert unit.affine_nodes == ("mul", "add")
     assert unit.activation == "relu"
     assert m.rejections == ()
-    kinds = [a.kind for a in m.affines[unit.id]]
-    assert kinds == ["mul", "add"]
     nodes = {n.name: n for n in captured.gm.graph.nodes}
+    assert [affine_site(nodes[name], captured.gm).kind for name in unit.affine_nodes] == ["mul", "add"]
     assert is_transparent(nodes["drop"], captured.gm) and is_transparent(nodes["ident"], captured.gm)
 
 
@@ -177,15 +178,15 @@ def test_batchnorm_affine_matches_the_module():
     model = build("conv_chain")
     captured, _ = matched(model, example_input("conv_chain"))
     nodes = {n.name: n for n in captured.gm.graph.nodes}
-    info = affine_info(nodes["layers_0_1"], captured.gm)
+    info = affine_site(nodes["layers_0_1"], captured.gm)
     assert info is not None and info.input is nodes["layers_0_0"]
     y = torch.randn(1, 8, 4, 4)
     expected = model.layers[0][1](y)
     folded = y * info.scale.view(1, -1, 1, 1) + info.shift.view(1, -1, 1, 1)
     torch.testing.assert_close(folded.to(expected.dtype), expected)
-    conv = conv_info(nodes["layers_0_0"], captured.gm)
-    assert conv.path == "layers.0.0" and conv.weight is captured.gm.get_submodule("layers.0.0").weight
-    assert conv_info(nodes["layers_0_1"], captured.gm) is None
+    conv = conv_site(nodes["layers_0_0"], captured.gm)
+    assert conv.path == "layers.0.0" and conv.params.weight is captured.gm.get_submodule("layers.0.0").weight
+    assert conv_site(nodes["layers_0_1"], captured.gm) is None
 
 
 class _Boundaries(nn.Module):
@@ -217,7 +218,7 @@ def test_unmergeable_ops_are_reported_not_fatal():
     fxmerge.Plan.keep_all(graph).validate(graph)
 
 
-def test_join_info_recognises_every_spelling():
+def test_join_site_recognises_every_spelling():
     class Adds(nn.Module):
         def forward(self, x):
             a = x + x.relu()
@@ -227,7 +228,8 @@ def test_join_info_recognises_every_spelling():
             return torch.cat([a, c], 1)
 
     captured, _ = matched(Adds(), torch.randn(1, 2, 4, 4))
-    kinds = [join_info(n)[0] for n in captured.gm.graph.nodes if join_info(n) is not None]
+    sites = [join_site(n, shape_of) for n in captured.gm.graph.nodes]
+    kinds = [site.kind for site in sites if site is not None]
     assert kinds == ["add", "add", "add", "add", "cat"]
 
 
@@ -243,3 +245,34 @@ def test_exclude_marks_the_unit_ineligible(exclude):
 def test_exclude_prefix_matches_whole_names_only():
     graph = analyze("conv_chain", exclude=["layers.1.0.x", "layers.", "layer"])
     assert all(u.ineligible is None for u in graph.units)
+
+
+# --------------------------------------------------------------------------- shape-only readers (issue #13)
+class _ShapeChecked(nn.Module):
+    """timm's BatchNormAct2d: the norm asserts on its input's ndim and reads its size."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.c1(x)
+        torch._assert(y.ndim == 4, "expected a 4-d input")
+        y = torch.relu(self.b1(y))
+        z = self.c2(y)
+        torch._assert(z.dim() == 4 and z.shape[1] == 8, "expected 8 channels")
+        n, c = z.size(0), z.size(1)
+        return torch.relu(self.b2(z)).reshape(n, c, -1)
+
+
+@pytest.mark.parametrize("form", ["symbolic_trace", "export"])
+def test_shape_only_readers_split_no_unit_and_pin_nothing(form):
+    model, x = _ShapeChecked().eval(), torch.randn(1, 3, 8, 8)
+    source = torch.export.export(model, (x,)).module() if form == "export" else model
+    graph = fxmerge.analyze(source, x)
+    assert [len(u.affine_nodes) for u in graph.units] == [1, 1]
+    assert [u.activation for u in graph.units] == ["relu", "relu"]
+    assert graph.position("c1").pinned is None
+    assert "src:x->c2" in {s.id for s in graph.spans}
+    assert not any("getattr" in r.reason or "_assert" in r.reason or "eq " in r.reason for r in graph.rejections)

@@ -34,7 +34,7 @@ def randomise_bn(model, seed=0):
 
 
 def conv_nodes(gm):
-    from fxmerge.passes.match import conv_info
+    from fxmerge.nodes import conv_site as conv_info
 
     return sum(conv_info(n, gm) is not None for n in gm.graph.nodes)
 
@@ -62,6 +62,22 @@ def check_model(model, x, plans, tol=1e-4):
             if plan.method == "keep_all":
                 assert rel(reference, model(x)) <= tol
         assert conv_nodes(merged) == expected_convs(sg, plan), plan.method
+        check_promised_convs(merged, sg, plan)
+
+
+def check_promised_convs(merged, sg, plan):
+    """Every merged conv is exactly the conv its option promised (the one the latency table timed)."""
+    chosen = {e.span: e for e in plan.chosen(sg)}
+    for node in merged.graph.nodes:
+        span = node.meta.get("fxmerge_span")
+        if span is None:
+            continue
+        conv, promised = merged.get_submodule(node.target), chosen[span].conv
+        emitted = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
+                   tuple(conv.padding), tuple(conv.dilation), conv.groups)
+        expected = (promised.in_channels, promised.out_channels, promised.kernel_size, promised.stride,
+                    promised.padding, promised.dilation, promised.groups)
+        assert emitted == expected, f"span {span}: merged conv {emitted}, option promised {expected}"
 
 
 def float64_error(lin, x, error32):

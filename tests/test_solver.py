@@ -2,7 +2,7 @@
 
 The span graphs are built directly from the ir dataclasses (seeded): chains of units,
 residual blocks, two-branch regions with convs on both branches, an occasional nested
-region and fixed regions, with random longer spans (some covering whole regions) and
+region, with random longer spans (some covering whole regions) and
 pruning options. The exhaustive search enumerates tilings on its own (it shares no
 code with the solver) and uses the same rounded-up bin costs for feasibility, so the
 two must agree exactly on the optimum.
@@ -23,7 +23,6 @@ import pytest
 from fxmerge.ir import (
     Chain,
     ConvSpec,
-    Fixed,
     Join,
     Option,
     Parallel,
@@ -32,6 +31,7 @@ from fxmerge.ir import (
     SpanGraph,
     Step,
     Unit,
+    entry_id,
     span_id,
 )
 from fxmerge.plan import Plan, _UniformSampler, chain_spans
@@ -189,18 +189,6 @@ class _Builder:
             cover,
         )
 
-    def fixed(self, start: str) -> tuple[Step, str, _Cover]:
-        first, end = self.unit(start)
-        units = [first]
-        if self.rng.random() < 0.5:  # a second unit, through a position off the chain
-            second, end = self.unit(end)
-            units.append(second)
-        return (
-            Step("fixed", region=Fixed(reason="test", units=tuple(units))),
-            end,
-            _Cover(units=units, crossable=False),
-        )
-
     def chain(
         self, start: str, length: int, *, nested: bool = False, regions: bool = False
     ) -> tuple[Chain, _Cover]:
@@ -219,12 +207,10 @@ class _Builder:
                 step, end, cover = self.region(
                     here, [self.rng.randint(1, 3), 0], nested=self.rng.random() < 0.25
                 )
-            elif draw < 0.85:  # convs on both branches
+            else:  # convs on both branches
                 step, end, cover = self.region(
                     here, [self.rng.randint(1, 2), self.rng.randint(1, 2)], nested=False
                 )
-            else:
-                step, end, cover = self.fixed(here)
             positions.append(end)
             steps.append(step)
             covers.append(cover)
@@ -291,21 +277,18 @@ ADMITS = {
 
 def keep_entry(sg: SpanGraph, unit: str) -> str:
     span = sg.single_unit_span(unit)
-    return next(f"{span.id}|{o.id}" for o in span.options if o.pruned == ())
+    return next(entry_id(span.id, o.id) for o in span.options if o.pruned == ())
 
 
 def tilings(chain: Chain, sg: SpanGraph, method: str) -> list[tuple[str, ...]]:
     """Every tiling of ``chain`` as a tuple of entry ids, by plain recursion."""
     index = {p: k for k, p in enumerate(chain.positions)}
-    fixed = {k for k, s in enumerate(chain.steps) if s.kind == "fixed"}
     jumps: dict[int, list[tuple[int, str]]] = {}
     for span in chain_spans(chain, sg):
         i, j = index[span.start], index[span.end]
-        if fixed & set(range(i, j)):
-            continue
         for option in span.options:
             if ADMITS[method](span, option):
-                jumps.setdefault(i, []).append((j, f"{span.id}|{option.id}"))
+                jumps.setdefault(i, []).append((j, entry_id(span.id, option.id)))
     memo: dict[int, list[tuple[str, ...]]] = {}
 
     def from_position(k: int) -> list[tuple[str, ...]]:
@@ -325,9 +308,6 @@ def tilings(chain: Chain, sg: SpanGraph, method: str) -> list[tuple[str, ...]]:
                 )
             ]
             found += [walk + rest for walk in walks for rest in from_position(k + 1)]
-        elif step.kind == "fixed":
-            keep = tuple(keep_entry(sg, u) for u in step.region.units)
-            found += [keep + rest for rest in from_position(k + 1)]
         memo[k] = found
         return found
 
@@ -381,12 +361,8 @@ def test_generated_graphs_are_consistent():
         for entries in plans[:: max(1, len(plans) // 5)]:
             Plan.from_entries(sg, entries)
         assert len(set(plans)) == len(plans)
-        one_unit_fixed = any(
-            s.kind == "fixed" and len(s.region.units) == 1 for c in sg.chains for s in c.steps
-        )
-        if not one_unit_fixed:  # there the sampler counts the keep plan twice (see the report)
-            sampler = _UniformSampler(sg)
-            assert math.prod(sampler._chain_counts(c)[-1] for c in sg.chains) == len(plans), seed
+        sampler = _UniformSampler(sg)
+        assert math.prod(sampler._chain_counts(c)[-1] for c in sg.chains) == len(plans), seed
         kinds |= {s.kind for c in sg.chains for s in c.steps}
         kinds |= {
             "nested"
@@ -398,7 +374,7 @@ def test_generated_graphs_are_consistent():
             if t.kind == "parallel"
         }
         kinds |= {"region-span" for s in sg.spans if s.joins}
-    assert kinds >= {"unit", "parallel", "fixed", "nested", "region-span"}
+    assert kinds >= {"unit", "parallel", "nested", "region-span"}
 
 
 def test_matches_exhaustive_search():
@@ -494,37 +470,14 @@ def test_depth_never_prunes_and_layer_keeps_one_conv_without_joins():
         for method in ("depth", "layer"):
             budget = min_latency(sg, latency, method=method) * rng.uniform(1.05, 2.0)
             plan = solve(sg, latency, importance, budget, method=method)
-            fixed_units = {
-                u
-                for c in sg.chains
-                for s in walk_steps(c)
-                if s.kind == "fixed"
-                for u in s.region.units
-            }
             for entry in plan.chosen(sg):
                 span = sg.span(entry.span)
-                if set(span.units) <= fixed_units:
-                    continue  # fixed regions are forced, whatever the method
                 if method == "depth":
                     assert entry.option.pruned == ()
                 else:
                     assert span.joins == () and len(span.units) - len(entry.option.pruned) == 1
                 picked[method] += 1
     assert min(picked.values()) > 100
-
-
-def test_fixed_regions_keep_their_units():
-    for seed, sg, _ in small_graphs(60):
-        fixed_units = {
-            u for c in sg.chains for s in walk_steps(c) if s.kind == "fixed" for u in s.region.units
-        }
-        if not fixed_units:
-            continue
-        importance = {e.id: 5.0 * len(e.option.pruned) for e in sg.entries}
-        latency = {e.id: 0.1 for e in sg.entries}
-        plan = solve(sg, latency, importance, 1e3)
-        chosen = {e.id for e in plan.chosen(sg)}
-        assert {keep_entry(sg, u) for u in fixed_units} <= chosen, seed
 
 
 def test_rounding_up_keeps_the_plan_within_budget():

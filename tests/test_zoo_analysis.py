@@ -17,7 +17,7 @@ import pytest
 import torch
 import torchvision
 
-from fxmerge.analysis import analyze_captured
+from fxmerge.api import analyze_captured
 from fxmerge.capture import capture
 from fxmerge.plan import Plan
 
@@ -69,7 +69,8 @@ def check(name: str, record_property=None) -> None:
     Plan.keep_all(graph).validate(graph)
     Plan.random(graph, seed=0).validate(graph)
     Plan.random(paper, seed=0).validate(paper)
-    assert {s.id for s in paper.spans} <= {s.id for s in graph.spans}
+    # the paper rules have no kernel or span-length bound: compare within the general bounds
+    assert {s.id for s in paper.spans if len(s.units) <= 12} <= {s.id for s in graph.spans}
 
     assert len(graph.spans) >= len(graph.units)  # every unit has its single-unit span
     shapes = {p.id: p.shape for p in graph.positions}

@@ -26,18 +26,23 @@ import contextlib
 import copy
 import importlib
 import inspect
-import io
 import itertools
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from fxmerge.latency.timing import Measurement, TimingPolicy, device_name, physical_cores, time_runs
-
-ONNX_OPSET = 18
+from fxmerge.export import export_onnx
+from fxmerge.fxutil import as_inputs
+from fxmerge.latency.timing import (
+    Measurement,
+    TimingPolicy,
+    device_name,
+    physical_cores,
+    time_runs,
+    timed_block,
+)
 
 
 class BackendUnavailable(RuntimeError):
@@ -63,13 +68,6 @@ class LatencyBackend(Protocol):
 
 
 # ------------------------------------------------------------------ shared plumbing
-
-
-def as_inputs(example_input: Tensor | tuple | list) -> tuple:
-    """``example_input`` as a tuple of positional arguments."""
-    if isinstance(example_input, (tuple, list)):
-        return tuple(example_input)
-    return (example_input,)
 
 
 def _batch_size(inputs: tuple) -> int:
@@ -126,18 +124,22 @@ class _Backend:
             f"device_name={self.device_name!r}, threads={self.threads}, dtype={self.dtype})"
         )
 
-    # The one entry point ---------------------------------------------------------
+    @property
+    def settings(self) -> dict:
+        """Settings beyond the shared ones that change a measurement (part of the cache key)."""
+        return {}
+
+    # The entry points --------------------------------------------------------------
     def measure(self, module: nn.Module, example_input: Tensor | tuple) -> Measurement:
+        """Prepare ``module`` (untimed), then time it according to the backend's policy."""
+        return self.runner(module, example_input).measure()
+
+    def runner(self, module: nn.Module, example_input: Tensor | tuple) -> Runner:
+        """``module`` prepared once (exported, compiled, a session built) for repeated timing."""
         module, inputs = self._place(module, as_inputs(example_input))
         with self._torch_threads(), type(self).grad_mode():
             step = self._prepare(module, inputs)
-            return time_runs(
-                step,
-                self.policy,
-                batch_size=_batch_size(inputs),
-                threads=self.threads,
-                cuda=self.device == "cuda",
-            )
+        return Runner(self, step, _batch_size(inputs))
 
     def _prepare(self, module: nn.Module, inputs: tuple) -> Callable[[], object]:
         """Build what runs the module once (export, compile, ...); called untimed."""
@@ -177,6 +179,30 @@ class _Backend:
             torch.set_num_threads(before)
 
 
+class Runner:
+    """A prepared module: time it by policy, or in blocks of runs (for interleaved comparisons)."""
+
+    def __init__(self, backend: _Backend, step: Callable[[], object], batch_size: int) -> None:
+        self.backend = backend
+        self.step = step
+        self.batch_size = batch_size
+
+    def measure(self, policy: TimingPolicy | None = None) -> Measurement:
+        backend = self.backend
+        with backend._torch_threads(), type(backend).grad_mode():
+            return time_runs(
+                self.step, policy or backend.policy, batch_size=self.batch_size, threads=backend.threads,
+                cuda=backend.device == "cuda",
+            )
+
+    def block(self, runs: int, warmup: int = 2) -> list[float]:
+        """``runs`` timed runs in a row (after ``warmup`` untimed ones), in milliseconds."""
+        policy = TimingPolicy(warmup=warmup, runs=runs, min_runs=runs, max_time_s=float("inf"), rel_error=0.0)
+        backend = self.backend
+        with backend._torch_threads(), type(backend).grad_mode():
+            return timed_block(self.step, policy, cuda=backend.device == "cuda")
+
+
 # ------------------------------------------------------------------ eager
 
 
@@ -198,13 +224,20 @@ class OnnxRuntimeBackend(_Backend):
     The module is exported in memory with the TorchScript exporter (a few
     milliseconds for a conv); if that fails, with the dynamo exporter (seconds).
     ``intra_op_num_threads`` is the backend's thread count, ``inter_op_num_threads``
-    is 1 and execution is sequential, so timings are stable.
+    is 1 and execution is sequential, so timings are stable. Idle worker threads do
+    not spin (``spinning=False``): two sessions timed in alternation would otherwise
+    steal each other's cores.
     """
 
     name = "onnxruntime"
     standalone_overhead = True  # NCHW↔NCHWc reorders around a lone conv, and the session call
 
-    def __init__(self, device: str | torch.device = "cpu", **kwargs: Any) -> None:
+    @property
+    def settings(self) -> dict:
+        return {"spinning": self.spinning}
+
+    def __init__(self, device: str | torch.device = "cpu", *, spinning: bool = False, **kwargs: Any) -> None:
+        self.spinning = bool(spinning)
         try:
             self._ort = importlib.import_module("onnxruntime")
         except ImportError as error:
@@ -236,6 +269,8 @@ class OnnxRuntimeBackend(_Backend):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # idle worker threads that spin steal cores from the other model of an interleaved comparison
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
         arrays = [t.detach().cpu().numpy() for t in tensors]
@@ -247,34 +282,6 @@ class OnnxRuntimeBackend(_Backend):
         else:
             feeds = dict(zip(graph_inputs, arrays))
         return lambda: session.run(None, feeds)
-
-
-def export_onnx(module: nn.Module, inputs: tuple, input_names: list[str]) -> bytes:
-    """``module`` as a serialised ONNX model (opset :data:`ONNX_OPSET`).
-
-    The TorchScript exporter (``dynamo=False``) is tried first: it still ships in
-    torch 2.x, is deprecated but takes milliseconds. The dynamo exporter
-    (``torch.export`` + onnxscript) is the fallback; it handles more models but
-    takes seconds per export.
-    """
-    errors = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            buffer = io.BytesIO()
-            torch.onnx.export(
-                module, inputs, buffer, dynamo=False, opset_version=ONNX_OPSET,
-                input_names=input_names, do_constant_folding=True,
-            )
-            return buffer.getvalue()
-        except Exception as error:  # noqa: BLE001 - any exporter failure means: try the other one
-            errors.append(f"TorchScript exporter: {type(error).__name__}: {error}")
-        try:
-            program = torch.onnx.export(module, inputs, dynamo=True, opset_version=ONNX_OPSET, verbose=False)
-            return program.model_proto.SerializeToString()
-        except Exception as error:  # noqa: BLE001
-            errors.append(f"dynamo exporter: {type(error).__name__}: {error}")
-    raise RuntimeError("torch.onnx.export failed with both exporters:\n  " + "\n  ".join(errors))
 
 
 # ------------------------------------------------------------------ inductor
@@ -301,19 +308,22 @@ class InductorBackend(_Backend):
         super().__init__(device, **kwargs)
 
     def measure(self, module: nn.Module, example_input: Tensor | tuple) -> Measurement:
-        inductor_config = importlib.import_module("torch._inductor.config")
         torch.compiler.reset()
         try:
-            with inductor_config.patch(freezing=True):
-                return super().measure(module, example_input)
+            return super().measure(module, example_input)
         finally:
             torch.compiler.reset()
+
+    def runner(self, module: nn.Module, example_input: Tensor | tuple) -> Runner:
+        inductor_config = importlib.import_module("torch._inductor.config")
+        with inductor_config.patch(freezing=True):
+            return super().runner(module, example_input)
 
     def _prepare(self, module: nn.Module, inputs: tuple) -> Callable[[], object]:
         compiled = torch.compile(module, backend="inductor", dynamic=False)
         try:
             compiled(*inputs)
-        except Exception as error:  # noqa: BLE001 - a compile failure means the backend cannot run here
+        except Exception as error:
             hint = "a working C++ compiler (g++, or $CXX)" if self.device == "cpu" else "a working Triton"
             raise BackendUnavailable(
                 f"inductor could not compile on {self.device} (it needs {hint}): {type(error).__name__}: {error}"

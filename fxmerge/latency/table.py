@@ -12,6 +12,16 @@ and timing convs one by one does not add up exactly to timing the whole model.
 difference as ``offset_ms``: ``predict(keep_all entries)`` then equals the
 measured original latency, and the solver's budget is in the same units as a
 latency the user can measure.
+
+**Under a process group** (``torchrun``, :mod:`fxmerge.distributed`; :func:`timing_rule`)
+two processes never time on the same kind of device at once — timing on a shared
+CPU in parallel would corrupt both numbers. When every rank has its own GPU and all
+are of one kind, the distinct convs are split across the ranks, each times its
+share on its own GPU, and every rank receives every measurement. Otherwise one rank
+per distinct device type (backend, device, device name, threads, dtype) — the lowest
+— builds the table, and the others wait and receive it. :func:`calibrate`'s
+end-to-end timing of the original is always made by one rank per device type. The
+rule applied is stated in the table's ``info["timing"]``.
 """
 
 from __future__ import annotations
@@ -19,18 +29,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fxmerge import distributed
+from fxmerge.cache import cache_dir as resolve_cache_dir
+from fxmerge.cache import write_json
 from fxmerge.ir import ConvSpec, SpanGraph
 from fxmerge.latency.backends import LatencyBackend, resolve_backend
-from fxmerge.latency.cache import MeasurementCache, default_cache_dir, key_fields, write_atomic
+from fxmerge.latency.cache import MeasurementCache, key_fields
 from fxmerge.latency.conv import conv_module, null_spec, spec_input
 from fxmerge.latency.timing import Measurement
 
@@ -112,7 +127,7 @@ class LatencyTable:
         """Write the table as JSON (atomically)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatencyTable:
@@ -132,19 +147,30 @@ def build_latency_table(
     """Time every entry of ``span_graph`` on ``backend``.
 
     ``cache_dir``: where measurements are cached (default: see
-    :func:`~fxmerge.latency.cache.default_cache_dir`); ``False`` disables the cache.
+    :func:`~fxmerge.cache.cache_dir`); ``False`` disables the cache.
     """
     backend = resolve_backend(backend)
-    cache = None if cache_dir is False else MeasurementCache(
-        default_cache_dir() if cache_dir in (None, True) else cache_dir
-    )
+    directory = resolve_cache_dir("latency", cache_dir)
+    cache = None if directory is None else MeasurementCache(directory)
+    rule = timing_rule(backend)
+    if rule == "leader":
+        built = distributed.once_per(
+            device_kind(backend), lambda: _build(span_graph, backend, cache, progress, shard=False).to_dict()
+        )
+        table = LatencyTable.from_dict(built)
+    else:
+        table = _build(span_graph, backend, cache, progress and distributed.is_main(), shard=rule == "shard")
+    if rule == "alone":
+        return table
+    return dataclasses.replace(table, info={**table.info, "timing": describe_timing(rule, backend)})
 
+
+def _build(span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool, *, shard: bool) -> LatencyTable:
+    """The table, timed here (with ``shard``, this rank's share of the convs; every rank gets all)."""
     by_signature: dict[str, ConvSpec] = {}
     for entry in span_graph.entries:
         by_signature.setdefault(entry.conv.signature(), entry.conv)
 
-    results: dict[str, Measurement] = {}
-    measured = cached = 0
     bar = tqdm(
         total=len(by_signature),
         desc=f"latency table ({backend.name}, {backend.threads} threads)",
@@ -153,17 +179,11 @@ def build_latency_table(
         leave=False,
     )
     with bar:
-        for signature, spec in by_signature.items():
-            measurement, was_cached = _measure_cached(signature, spec, backend, cache)
-            measured += not was_cached
-            cached += was_cached
-            results[signature] = measurement
-            bar.set_postfix(measured=measured, cached=cached, refresh=False)
-            bar.update()
+        results, measured, cached = _measure_all(by_signature, backend, cache, bar, shard=shard)
 
     overhead: dict[str, float] = {}
     if getattr(backend, "standalone_overhead", False):
-        overhead = _standalone_overheads(by_signature, backend, cache, progress)
+        overhead = _standalone_overheads(by_signature, backend, cache, progress, shard=shard)
     entries = {e.id: _in_model_ms(results[e.conv.signature()].median_ms, overhead.get(e.conv.signature(), 0.0))
                for e in span_graph.entries}
     info = {
@@ -185,6 +205,71 @@ def build_latency_table(
     )
 
 
+def _measure_all(specs: dict[str, ConvSpec], backend, cache, bar, *, shard: bool) -> tuple[dict[str, Measurement], int, int]:
+    """Every spec's measurement (cached or timed), and how many were timed and read from the cache.
+
+    With ``shard`` this rank times its share (:func:`~fxmerge.distributed.shard`; each
+    measurement costs about the timing policy's time budget, so all weigh the same)
+    and every rank receives the rest.
+    """
+    results: dict[str, Measurement] = {}
+    measured = cached = 0
+    for signature in distributed.shard(list(specs)) if shard else list(specs):
+        measurement, was_cached = _measure_cached(signature, specs[signature], backend, cache)
+        measured += not was_cached
+        cached += was_cached
+        results[signature] = measurement
+        bar.set_postfix(measured=measured, cached=cached, refresh=False)
+        bar.update()
+    if shard:
+        gathered = distributed.gather_dicts({k: m.to_dict() for k, m in results.items()})
+        results = {k: Measurement.from_dict(gathered[k]) for k in specs}
+        counts = distributed.all_gather_object((measured, cached))
+        measured, cached = sum(m for m, _ in counts), sum(c for _, c in counts)
+    return results, measured, cached
+
+
+# ------------------------------------------------------------------ process groups
+def device_kind(backend: LatencyBackend) -> tuple:
+    """What makes two processes' timings interchangeable: backend, device type and name, threads, dtype."""
+    return (backend.name, backend.device, backend.device_name, backend.threads, str(backend.dtype))
+
+
+def _own_gpu(backend: LatencyBackend) -> tuple[str, int] | None:
+    """``(host, GPU index)`` the backend times on, or ``None`` when it does not time on a GPU."""
+    if getattr(backend, "device", "cpu") != "cuda" or not torch.cuda.is_available():
+        return None
+    index = getattr(getattr(backend, "torch_device", None), "index", None)
+    return socket.gethostname(), torch.cuda.current_device() if index is None else int(index)
+
+
+def timing_rule(backend: LatencyBackend) -> str:
+    """How the processes of a group time on ``backend`` (see the module docstring).
+
+    ``"alone"`` without a process group; ``"shard"`` when every rank has its own GPU
+    and all are of one kind; ``"leader"`` otherwise (one rank per device type times).
+    Every rank must call it.
+    """
+    if distributed.world_size() == 1:
+        return "alone"
+    ranks = distributed.all_gather_object((device_kind(backend), _own_gpu(backend)))
+    gpus = [gpu for _, gpu in ranks]
+    if len({kind for kind, _ in ranks}) == 1 and None not in gpus and len(set(gpus)) == len(gpus):
+        return "shard"
+    return "leader"
+
+
+def describe_timing(rule: str, backend: LatencyBackend) -> str:
+    """The timing rule applied, in words (for the table's ``info`` and the report)."""
+    world = distributed.world_size()
+    if rule == "shard":
+        return (f"latency table sharded across {world} processes, each timing its share on its own "
+                f"{backend.device_name}; the end-to-end timings made by rank 0 alone")
+    return (f"latency measured by one process per device type ({backend.name} on {backend.device}, "
+            f"{backend.device_name}): the lowest rank of each type timed, the other ranks of {world} received "
+            "the table; timing in parallel on one device would corrupt the numbers")
+
+
 def _measure_cached(signature: str, spec: ConvSpec, backend, cache) -> tuple[Measurement, bool]:
     """``spec`` timed on ``backend``, read from ``cache`` when there; written as soon as measured."""
     fields = key_fields(signature, backend, spec.input_shape[0])
@@ -203,7 +288,8 @@ def _in_model_ms(standalone_ms: float, overhead_ms: float) -> float:
     return max(standalone_ms - overhead_ms, 0.01 * standalone_ms)
 
 
-def _standalone_overheads(by_signature: dict[str, ConvSpec], backend, cache, progress: bool) -> dict[str, float]:
+def _standalone_overheads(by_signature: dict[str, ConvSpec], backend, cache, progress: bool, *,
+                          shard: bool = False) -> dict[str, float]:
     """Per conv signature, what timing it alone costs beyond its work inside a model.
 
     Measured as the time of :func:`~fxmerge.latency.conv.null_spec` (same tensors, next
@@ -211,11 +297,11 @@ def _standalone_overheads(by_signature: dict[str, ConvSpec], backend, cache, pro
     """
     nulls = {signature: null_spec(spec) for signature, spec in by_signature.items()}
     distinct = {n.signature(): n for n in nulls.values() if n is not None}
-    timed: dict[str, float] = {}
-    for signature, spec in tqdm(distinct.items(), desc=f"standalone overhead ({backend.name})", unit="conv",
-                                disable=not progress, leave=False):
-        timed[signature] = _measure_cached(signature, spec, backend, cache)[0].median_ms
-    return {signature: timed[n.signature()] for signature, n in nulls.items() if n is not None}
+    bar = tqdm(total=len(distinct), desc=f"standalone overhead ({backend.name})", unit="conv",
+               disable=not progress, leave=False)
+    with bar:
+        results, _, _ = _measure_all(distinct, backend, cache, bar, shard=shard)
+    return {signature: results[n.signature()].median_ms for signature, n in nulls.items() if n is not None}
 
 
 def _check_same_backend(table: LatencyTable, backend: LatencyBackend) -> None:
@@ -275,7 +361,7 @@ def calibrate(
     _check_same_backend(table, backend)
     keep_all = list(keep_all_entry_ids)
     convs_ms = table.predict(keep_all) - table.offset_ms
-    original = measure_model(model, example_input, backend)
+    original = distributed.once_per(device_kind(backend), lambda: measure_model(model, example_input, backend))
     info = {
         **table.info,
         "calibration": {

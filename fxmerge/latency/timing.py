@@ -2,10 +2,13 @@
 
 A latency measurement is: prepare the module once (export, build a session,
 compile), run it a few times to warm caches and finish lazy compilation, then time
-many single runs and keep the median and the interquartile range. The number of
-timed runs adapts to the module: a tiny conv gets every run it asks for in a few
-milliseconds, while a large model stops after ``min_runs`` once ``max_time_s`` is
-spent, so one measurement never takes minutes.
+single runs and keep the median, the interquartile range and a bound on the
+median's relative error. The number of timed runs adapts to the module: timing
+stops once the median is known to ``rel_error`` (the half-width of a distribution-free
+95% confidence interval of the median, from order statistics, relative to the
+median: 1% by default) after at least ``min_runs`` runs, at ``runs`` runs, or once
+``max_time_s`` is spent, so one measurement never takes minutes. A measurement that
+ends with a wider interval says so in its ``rel_error``.
 
 On CPU each run is timed with :func:`time.perf_counter`; on CUDA with a pair of
 CUDA events around the run and a synchronize after it (each run is timed alone,
@@ -15,6 +18,7 @@ as at batch-1 deployment, not pipelined behind the previous one).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import statistics
@@ -35,6 +39,7 @@ class Measurement:
     warmup: int
     batch_size: int
     threads: int
+    rel_error: float = 0.0  # half-width of the median's 95% confidence interval, relative to the median
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +53,7 @@ class Measurement:
             warmup=int(data["warmup"]),
             batch_size=int(data["batch_size"]),
             threads=int(data["threads"]),
+            rel_error=float(data.get("rel_error", 0.0)),
         )
 
 
@@ -57,7 +63,8 @@ class TimingPolicy:
 
     ``warmup`` untimed runs (stopping early, after at least one, once
     ``max_warmup_s`` is spent), then timed runs until ``runs`` are done, or until at
-    least ``min_runs`` are done and ``max_time_s`` is spent.
+    least ``min_runs`` are done and either the median's relative error is at most
+    ``rel_error`` or ``max_time_s`` is spent.
     """
 
     warmup: int = 10
@@ -65,6 +72,7 @@ class TimingPolicy:
     min_runs: int = 5
     max_time_s: float = 1.0
     max_warmup_s: float = 0.5
+    rel_error: float = 0.01
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.min_runs < 1 or self.warmup < 0:
@@ -93,20 +101,51 @@ def time_runs(
     times = _timed_cuda(step, policy) if cuda else _timed_cpu(step, policy)
     median, iqr = summarise(times)
     return Measurement(
-        median_ms=median, iqr_ms=iqr, runs=len(times), warmup=warmed, batch_size=batch_size, threads=threads
+        median_ms=median, iqr_ms=iqr, runs=len(times), warmup=warmed, batch_size=batch_size, threads=threads,
+        rel_error=median_rel_error(times),
     )
 
 
-def _enough(count: int, started: float, policy: TimingPolicy) -> bool:
+def timed_block(step: Callable[[], object], policy: TimingPolicy, *, cuda: bool = False) -> list[float]:
+    """``policy.warmup`` untimed runs, then timed runs by ``policy`` (milliseconds each)."""
+    for _ in range(policy.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return _timed_cuda(step, policy) if cuda else _timed_cpu(step, policy)
+
+
+def median_rel_error(values: list[float]) -> float:
+    """Half-width of a distribution-free ~95% confidence interval of the median, relative to it.
+
+    The interval runs between the order statistics ``n/2 ∓ 0.98·√n`` (the normal
+    approximation of the binomial ranks that bracket the median with 95% probability).
+    """
+    if len(values) < 2:
+        return math.inf
+    ordered = sorted(values)
+    n = len(ordered)
+    low = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)))
+    high = min(n - 1, math.ceil(n / 2 + 0.98 * math.sqrt(n)) - 1)
+    median = statistics.median(ordered)
+    return (ordered[high] - ordered[low]) / (2 * median) if median > 0 else math.inf
+
+
+def _enough(times: list[float], started: float, policy: TimingPolicy) -> bool:
+    count = len(times)
     if count >= policy.runs:
         return True
-    return count >= policy.min_runs and time.perf_counter() - started >= policy.max_time_s
+    if count < policy.min_runs:
+        return False
+    if time.perf_counter() - started >= policy.max_time_s:
+        return True
+    return count % 5 == 0 and median_rel_error(times) <= policy.rel_error
 
 
 def _timed_cpu(step: Callable[[], object], policy: TimingPolicy) -> list[float]:
     times: list[float] = []
     started = time.perf_counter()
-    while not _enough(len(times), started, policy):
+    while not _enough(times, started, policy):
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -119,7 +158,7 @@ def _timed_cuda(step: Callable[[], object], policy: TimingPolicy) -> list[float]
     end = torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    while not _enough(len(times), started, policy):
+    while not _enough(times, started, policy):
         begin.record()
         step()
         end.record()

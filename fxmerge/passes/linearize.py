@@ -1,4 +1,4 @@
-"""Linearize: apply a plan to a model, giving the trainable network that merges exactly.
+"""Linearize: apply a plan to a captured graph, giving the trainable network that merges exactly.
 
 For every chosen span the rewrite
 
@@ -21,124 +21,159 @@ input — a single affine, translation-equivariant map — so ``merge`` can repl
 by one conv with no error anywhere, borders included. BatchNorms stay separate
 modules and trainable. Spans that hold one unit and prune nothing are left as they
 are, so the keep-everything plan returns the original network.
+
+The pass works on a copy of the captured graph: with ``share_parameters=True`` the
+result reads the captured model's own modules and tensors (cheap; for evaluating many
+plans), otherwise it owns a copy of them (for training).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
 
-from fxmerge.analysis import analyze_captured
-from fxmerge.capture import capture
-from fxmerge.ir import Entry, SpanGraph
+from fxmerge.capture import Captured
+from fxmerge.fxutil import (
+    dtype_of,
+    forget_shape,
+    node_index,
+    nodes_between,
+    set_shape,
+    tensor_inputs,
+)
+from fxmerge.ir import Entry, Span, SpanGraph
+from fxmerge.nodes import conv_site
 from fxmerge.ops import SPAN_CROP, SPAN_END, SPAN_PAD, is_marker
-from fxmerge.passes.match import conv_info, modules_of
 from fxmerge.plan import Plan
 
 _FUNCTIONAL_CONV = {1: F.conv1d, 2: F.conv2d}
 
 
 def linearize(
-    model: nn.Module,
-    example_input,
-    plan: Plan,
-    *,
-    span_graph: SpanGraph | None = None,
-    exclude=None,
-    max_kernel: int = 15,
+    captured: Captured, span_graph: SpanGraph, plan: Plan, *, share_parameters: bool = False
 ) -> torch.fx.GraphModule:
-    """A trainable GraphModule computing ``plan`` applied to ``model`` (the plan rides along).
+    """A GraphModule computing ``plan`` applied to the captured model, in eval mode.
 
-    The result carries ``fxmerge_plan`` and ``fxmerge_span_graph`` attributes that
-    ``merge`` reads. ``model`` itself is never modified.
+    ``span_graph`` must be the one ``plan`` was made for (it is validated). The
+    captured graph is not modified.
     """
-    captured = capture(model, example_input)
-    if span_graph is None:
-        span_graph = analyze_captured(captured, rules=plan.rules, exclude=exclude, max_kernel=max_kernel)
     plan.validate(span_graph)
-    gm = captured.gm
+    if share_parameters:
+        gm = torch.fx.GraphModule(captured.gm, copy.deepcopy(captured.gm.graph), type(captured.gm).__name__)
+    else:
+        gm = copy.deepcopy(captured.gm)
+    rewriter = _Rewriter(gm, span_graph)
     for entry in plan.chosen(span_graph):
         span = span_graph.span(entry.span)
-        if len(span.units) == 1 and not span.joins and not entry.option.pruned:
-            continue
-        _rewrite_span(gm, span_graph, entry)
+        if len(span.units) > 1 or span.joins or entry.option.pruned:
+            rewriter.rewrite(span, entry)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    gm.fxmerge_plan = plan
-    gm.fxmerge_span_graph = span_graph
-    gm.train(model.training)
-    return gm
+    return gm.eval()
 
 
-def _nodes_by_name(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
-    return {n.name: n for n in gm.graph.nodes}
+class _Rewriter:
+    """Rewrites spans one after another; tracks nodes that a rewrite replaced."""
 
+    def __init__(self, gm: torch.fx.GraphModule, span_graph: SpanGraph) -> None:
+        self.gm = gm
+        self.span_graph = span_graph
+        self.nodes = node_index(gm)
+        self.replaced: dict[str, torch.fx.Node] = {}  # a pruned unit's output -> what now stands for it
 
-def _rewrite_span(gm: torch.fx.GraphModule, span_graph: SpanGraph, entry: Entry) -> None:
-    span = span_graph.span(entry.span)
-    nodes = _nodes_by_name(gm)
-    start = nodes[span_graph.position(span.start).node]
-    start = next((u for u in start.users if is_marker(u, SPAN_END)), start)  # an earlier span's output
-    end_position = span_graph.position(span.end)
-    end_activation = _activation_node_of(span_graph, span.end)
-    end_out = nodes[end_position.node]
-    end_pre = end_out.args[0] if end_activation is not None else end_out
+    def node(self, name: str) -> torch.fx.Node:
+        node = self.nodes[name]
+        while node.name in self.replaced:
+            node = self.replaced[node.name]
+        return node
 
-    # 1. activations strictly inside the span
-    for position_id in span.dropped_activations:
-        name = _activation_node_of(span_graph, position_id)
-        node = nodes[name]
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
+    def rewrite(self, span: Span, entry: Entry) -> None:
+        sg = self.span_graph
+        start = self.node(sg.position(span.start).node)
+        start = next((u for u in start.users if is_marker(u, SPAN_END)), start)  # an earlier span's output
+        end_activation = _activation_node_of(sg, span.end)
+        end_pre = self.node(end_activation).args[0] if end_activation else self.node(sg.position(span.end).node)
+        for position_id in span.dropped_activations:
+            node = self.node(_activation_node_of(sg, position_id))
+            node.replace_all_uses_with(node.args[0])
+            self.gm.graph.erase_node(node)
+        for unit_id in entry.option.pruned:
+            end_pre = self._prune(unit_id, end_pre)
+        region = nodes_between(start, end_pre)
+        order = {n: k for k, n in enumerate(self.gm.graph.nodes)}
+        region_sorted = sorted(region, key=order.__getitem__)
+        dims = len(sg.position(span.start).shape) - 2
+        need, margin = _margins(self.gm, region_sorted, start, end_pre, dims)
+        begin = self._pad(span, start, margin[start])
+        _connect(self.gm, span, start, begin, need, margin)
+        for node in region_sorted:
+            forget_shape(node)  # padded: the captured shape no longer holds
+            site = conv_site(node, self.gm)
+            if site is not None:
+                replacement = _unpad_conv(self.gm, node, site)
+                end_pre = replacement if node is end_pre else end_pre
+        with self.gm.graph.inserting_after(end_pre):
+            marker = self.gm.graph.call_function(SPAN_END, (end_pre, span.id))
+        set_shape(marker, sg.position(span.end).shape, dtype_of(start))
+        end_pre.replace_all_uses_with(marker, delete_user_cb=lambda user: user is not marker)
 
-    # 2. pruned convs become the identity (their activation, if at the span end, stays)
-    for unit_id in entry.option.pruned:
-        unit = span_graph.unit(unit_id)
-        conv = nodes[unit.conv_node]
-        last = nodes[unit.affine_nodes[-1]] if unit.affine_nodes else conv
+    def _prune(self, unit_id: str, end_pre: torch.fx.Node) -> torch.fx.Node:
+        """Replace a unit's conv and affines by the identity; returns the (maybe moved) span end."""
+        unit = self.span_graph.unit(unit_id)
+        conv = self.node(unit.conv_node)
+        last = self.node(unit.affine_nodes[-1]) if unit.affine_nodes else conv
+        source = conv.args[0]
         if last is end_pre:
-            end_pre = conv.args[0]
-        last.replace_all_uses_with(conv.args[0])
+            end_pre = source
+        last.replace_all_uses_with(source)
+        self.replaced[last.name] = source
         for name in (*reversed(unit.affine_nodes), unit.conv_node):
-            node = nodes[name]
-            if not node.users:
-                extra = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "call_function" and not a.users]
-                gm.graph.erase_node(node)
-                for a in extra:
-                    if not a.users:
-                        gm.graph.erase_node(a)
+            node = self.node(name)
+            if node.users:
+                continue
+            helpers = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "call_function"]
+            self.gm.graph.erase_node(node)
+            for helper in helpers:
+                if not helper.users:
+                    self.gm.graph.erase_node(helper)
+        return end_pre
 
-    # 3. margins, backwards from the span output
-    region = _region(start, end_pre)
-    order = list(gm.graph.nodes)
-    position_of = {n: k for k, n in enumerate(order)}
-    region_sorted = sorted(region, key=position_of.__getitem__)
-    dims = len(span_graph.position(span.start).shape) - 2
+    def _pad(self, span: Span, start: torch.fx.Node, total: tuple[int, ...]) -> torch.fx.Node:
+        pad = [p for m in reversed(total) for p in (m, m)]
+        with self.gm.graph.inserting_after(start):
+            begin = self.gm.graph.call_function(SPAN_PAD, (start, pad, span.id))
+        shape = self.span_graph.position(span.start).shape
+        set_shape(begin, (*shape[:2], *(s + 2 * m for s, m in zip(shape[2:], total))), dtype_of(start))
+        return begin
+
+
+def _margins(gm, region_sorted, start, end_pre, dims: int):
+    """Backwards from the span output: what each reader needs of each tensor, and each tensor's margin."""
     need: dict[tuple[torch.fx.Node, torch.fx.Node], tuple[int, ...]] = {}
     margin: dict[torch.fx.Node, tuple[int, ...]] = {end_pre: (0,) * dims}
+    region = set(region_sorted)
     for node in reversed(region_sorted):
         out_margin = margin.get(node, (0,) * dims)
-        info = conv_info(node, gm)
-        for arg in _tensor_inputs(node):
+        site = conv_site(node, gm)
+        for arg in tensor_inputs(node):
             if arg not in region and arg is not start:
                 continue
-            if info is not None and arg is info.input:
-                required = tuple(p + s * m for p, s, m in zip(info.padding, info.stride, out_margin))
+            if site is not None and arg is site.input:
+                required = tuple(p + s * m for p, s, m in zip(site.params.padding, site.params.stride, out_margin))
             else:
                 required = out_margin
             need[(arg, node)] = required
             margin[arg] = tuple(max(a, b) for a, b in zip(margin.get(arg, required), required))
+    return need, margin
 
-    # 4. emit: pad the span input, crop where a reader needs less, unpad the convs
+
+def _connect(gm, span: Span, start, begin, need, margin) -> None:
+    """Readers of the span input read the padded input; a reader needing less reads a crop."""
     total = margin[start]
-    pad = [p for m in reversed(total) for p in (m, m)]
-    with gm.graph.inserting_after(start):
-        begin = gm.graph.call_function(SPAN_PAD, (start, pad, span.id))
-    start_shape = span_graph.position(span.start).shape
-    begin.meta["fxmerge_shape"] = tuple(start_shape[:2]) + tuple(s + 2 * m for s, m in zip(start_shape[2:], total))
     for (arg, node), required in need.items():
         have = total if arg is start else margin[arg]
         source = begin if arg is start else arg
@@ -147,17 +182,6 @@ def _rewrite_span(gm: torch.fx.GraphModule, span_graph: SpanGraph, entry: Entry)
             with gm.graph.inserting_before(node):
                 source = gm.graph.call_function(SPAN_CROP, (source, cut, span.id))
         node.replace_input_with(arg, source)
-    for node in region_sorted:
-        node.meta.pop("fxmerge_shape", None)  # padded: the captured shape no longer holds
-        info = conv_info(node, gm)
-        if info is not None:
-            replacement = _unpad_conv(gm, node, info)
-            if node is end_pre:
-                end_pre = replacement
-    with gm.graph.inserting_after(end_pre):
-        marker = gm.graph.call_function(SPAN_END, (end_pre, span.id))
-    marker.meta["fxmerge_shape"] = end_position.shape
-    end_pre.replace_all_uses_with(marker, delete_user_cb=lambda user: user is not marker)
 
 
 def _activation_node_of(span_graph: SpanGraph, position_id: str) -> str | None:
@@ -169,66 +193,29 @@ def _activation_node_of(span_graph: SpanGraph, position_id: str) -> str | None:
     return None
 
 
-def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    found: list[torch.fx.Node] = []
-
-    def visit(value):
-        if isinstance(value, torch.fx.Node):
-            if value.op not in ("get_attr",) and value not in found:
-                found.append(value)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-
-    visit(node.args)
-    visit(node.kwargs)
-    return found
-
-
-def _region(start: torch.fx.Node, end: torch.fx.Node) -> set[torch.fx.Node]:
-    """Nodes on paths from ``start`` (exclusive) to ``end`` (inclusive)."""
-    ancestors: set[torch.fx.Node] = set()
-    pending = [end]
-    while pending:
-        node = pending.pop()
-        if node in ancestors or node is start:
-            continue
-        ancestors.add(node)
-        pending.extend(_tensor_inputs(node))
-    reached: set[torch.fx.Node] = set()
-    pending = list(start.users)
-    while pending:
-        node = pending.pop()
-        if node in reached or node not in ancestors:
-            continue
-        reached.add(node)
-        pending.extend(node.users)
-    return reached
-
-
-def _unpad_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, info) -> torch.fx.Node:
+def _unpad_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, site) -> torch.fx.Node:
     """Run this conv call site unpadded, still using the module's own parameters."""
-    dims = info.dims
+    dims = site.dims
+    zeros = [0] * dims
     if node.op == "call_module":
-        module = modules_of(gm)[node.target]
         with gm.graph.inserting_before(node):
             weight = gm.graph.get_attr(f"{node.target}.weight")
-            bias = gm.graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+            bias = gm.graph.get_attr(f"{node.target}.bias") if site.params.bias is not None else None
             functional = gm.graph.call_function(
                 _FUNCTIONAL_CONV[dims],
-                (node.args[0], weight, bias, tuple(info.stride), (0,) * dims, tuple(info.dilation), info.groups),
+                (node.args[0], weight, bias, list(site.params.stride), zeros, list(site.params.dilation),
+                 site.params.groups),
             )
         functional.meta.update(node.meta)
         node.replace_all_uses_with(functional)
         gm.graph.erase_node(node)
         return functional
     args = list(node.args)
-    while len(args) < 5:
-        args.append({2: None, 3: 1, 4: 0}[len(args)])
-    args[4] = (0,) * dims
+    slots = {2: ("bias", None), 3: ("stride", [1] * dims)}  # aten.conv2d takes its stride as a list, never an int
+    while len(args) < 4:
+        name, default = slots[len(args)]
+        args.append(node.kwargs.get(name, default))
+    args[4:5] = [zeros]
     node.args = tuple(args)
-    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "padding"}
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("bias", "stride", "padding")}
     return node

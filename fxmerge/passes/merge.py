@@ -9,17 +9,17 @@ Two rewrites, both exact in eval mode:
   order, each node's value is built as a :class:`fxmerge.kernels.LinearMap`; the
   value at ``span_end`` is read back as one conv with padding ``P - offset``
   (``fxmerge.kernels.to_conv``) and replaces the whole span. The activation that
-  closes the span stays after it.
+  closes the span stays after it. The new conv's node records the span in
+  ``node.meta["fxmerge_span"]``.
 * **BatchNorm folding.** A conv whose only user is an eval BatchNorm (or a constant
   scale/shift) absorbs it: ``w' = w * scale``, ``b' = b * scale + shift``.
 
-With no marked spans (a graph ``linearize`` did not produce), only the second rewrite
-runs: merging other linear runs can make a model slower (a 1×1 bottleneck followed by
-a 1×1 expansion) and, where inner convs keep their own padding, is exact only in the
-interior — which runs to merge is the solver's decision, carried by a plan.
-
-All three graph shapes are accepted (``symbolic_trace``, ``torch.compile`` backend
-graphs after ``fxmerge.capture.lift_parameters``, ``torch.export`` modules).
+The markers are the plan's record in the graph: they survive ``symbolic_trace``,
+Dynamo and ``torch.export``, so a linearized model merges in any of the three graph
+shapes. With no markers (a graph ``linearize`` did not produce) only the folding
+runs: merging other linear runs can make a model slower (a 1×1 bottleneck followed
+by a 1×1 expansion) and, where inner convs keep their own padding, is exact only in
+the interior — which runs to merge is the solver's decision, carried by a plan.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ import torch.fx
 from torch import nn
 
 from fxmerge import kernels
+from fxmerge.fxutil import nodes_between, shape_of
+from fxmerge.ir import parse_entry_id
+from fxmerge.nodes import affine_site, conv_site, is_native_batchnorm, is_transparent, join_site
 from fxmerge.ops import SPAN_CROP, SPAN_END, SPAN_PAD, is_marker
-from fxmerge.passes.match import affine_info, conv_info, is_transparent, join_info
 from fxmerge.plan import Plan, PlanError
 
 
@@ -43,8 +45,7 @@ class MergeError(ValueError):
 def merge(gm: nn.Module, plan: Plan | None = None, *, inplace: bool = False) -> torch.fx.GraphModule:
     """An exact merged copy of ``gm``: marked spans become single convs, BatchNorms fold.
 
-    ``plan`` defaults to the one ``linearize`` attached to ``gm``; when given, the
-    spans marked in ``gm`` must be spans that ``plan`` chose.
+    When ``plan`` is given, the spans marked in ``gm`` must be spans it chose.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         gm = torch.fx.symbolic_trace(gm)
@@ -53,13 +54,12 @@ def merge(gm: nn.Module, plan: Plan | None = None, *, inplace: bool = False) -> 
             "merge needs eval mode: it folds BatchNorm running statistics into the conv weights. "
             "Call model.eval() before merging (the merged model is for inference)."
         )
-    plan = plan if plan is not None else getattr(gm, "fxmerge_plan", None)
     if not inplace:
         gm = copy.deepcopy(gm)
     begins = [n for n in gm.graph.nodes if is_marker(n, SPAN_PAD)]
     if plan is not None and begins:
-        chosen_spans = {entry.split("|")[0] for entry in plan.entries}
-        foreign = sorted({b.args[2] for b in begins} - chosen_spans)
+        chosen = {parse_entry_id(entry)[0] for entry in plan.entries}
+        foreign = sorted({b.args[2] for b in begins} - chosen)
         if foreign:
             raise PlanError(
                 f"the graph holds span(s) {foreign[:3]} that the given plan did not choose; "
@@ -73,8 +73,6 @@ def merge(gm: nn.Module, plan: Plan | None = None, *, inplace: bool = False) -> 
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    if plan is not None:
-        gm.fxmerge_plan = plan
     return gm
 
 
@@ -89,9 +87,24 @@ def _merge_span(gm: torch.fx.GraphModule, begin: torch.fx.Node, counter: list[in
         raise MergeError(f"span {span!r} has {len(ends)} end markers; the graph was edited after linearize")
     end = ends[0]
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
-    region = sorted(_between(begin, end), key=order.__getitem__)
-    channels = _input_channels(begin, region, gm)
-    values: dict[torch.fx.Node, kernels.LinearMap] = {begin: kernels.identity(channels, dims)}
+    region = sorted(nodes_between(begin, end.args[0]), key=order.__getitem__)
+    value = _span_map(gm, begin, end, region, dims, span)
+    module = kernels.to_conv(value, padding, dtype=_dtype(gm, region)).to_module()
+    name = f"fxmerge_merged_{counter[0]}"
+    counter[0] += 1
+    gm.add_module(name, module)
+    with gm.graph.inserting_before(end):
+        conv = gm.graph.call_module(name, (begin.args[0],))
+    conv.meta["fxmerge_span"] = span
+    end.replace_all_uses_with(conv)
+    for node in reversed([begin, *region, end]):
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+def _span_map(gm, begin, end, region, dims: int, span: str) -> kernels.LinearMap:
+    """The LinearMap at the span's end, built node by node from the padded input."""
+    values: dict[torch.fx.Node, kernels.LinearMap] = {begin: kernels.identity(_input_channels(begin, region, gm), dims)}
     # a wide span's maps are large ([C_out, C_in, *k] in float64): keep one only while a reader is pending
     region_set = set(region)
     pending = {node: sum(user in region_set or user is end for user in node.users) for node in [begin, *region]}
@@ -102,54 +115,22 @@ def _merge_span(gm: torch.fx.GraphModule, begin: torch.fx.Node, counter: list[in
                 pending[arg] -= 1
                 if pending[arg] <= 0 and arg is not end.args[0]:
                     values.pop(arg, None)
-    merged = kernels.to_conv(values[end.args[0]], padding, dtype=_dtype(gm, region))
-    module = merged.to_module()
-    name = f"fxmerge_merged_{counter[0]}"
-    counter[0] += 1
-    gm.add_module(name, module)
-    with gm.graph.inserting_before(end):
-        conv = gm.graph.call_module(name, (begin.args[0],))
-    end.replace_all_uses_with(conv)
-    for node in reversed([begin, *region, end]):
-        if not node.users:
-            gm.graph.erase_node(node)
-
-
-def _between(begin: torch.fx.Node, end: torch.fx.Node) -> set[torch.fx.Node]:
-    reached: set[torch.fx.Node] = set()
-    pending = list(begin.users)
-    while pending:
-        node = pending.pop()
-        if node in reached or node is end:
-            continue
-        reached.add(node)
-        pending.extend(node.users)
-    ancestors: set[torch.fx.Node] = set()
-    pending = [end.args[0]]
-    while pending:
-        node = pending.pop()
-        if node in ancestors or node is begin or not isinstance(node, torch.fx.Node):
-            continue
-        ancestors.add(node)
-        pending.extend(a for a in node.all_input_nodes)
-    return reached & ancestors
+    return values[end.args[0]]
 
 
 def _input_channels(begin: torch.fx.Node, region, gm) -> int:
     node = begin
     while isinstance(node, torch.fx.Node):
-        for key in ("fxmerge_shape", "val", "example_value", "tensor_meta"):
-            meta = node.meta.get(key)
-            shape = getattr(meta, "shape", meta)
-            if shape is not None and len(shape) > 1:
-                return int(shape[1])
+        shape = shape_of(node)
+        if shape is not None and len(shape) > 1:
+            return int(shape[1])
         if not (is_marker(node, SPAN_PAD) or is_marker(node, SPAN_END) or is_transparent(node, gm)):
             break
         node = node.args[0] if node.args else None
     for node in region:
-        info = conv_info(node, gm)
-        if info is not None and _resolve(info.input, gm) is begin:
-            return info.weight.shape[1] * info.groups
+        site = conv_site(node, gm)
+        if site is not None and _resolve(site.input, gm) is begin:
+            return site.params.in_channels
     raise MergeError("cannot tell how many channels enter the span")
 
 
@@ -161,9 +142,9 @@ def _resolve(node, gm):
 
 def _dtype(gm, region) -> torch.dtype:
     for node in region:
-        info = conv_info(node, gm)
-        if info is not None:
-            return info.weight.dtype
+        site = conv_site(node, gm)
+        if site is not None:
+            return site.params.weight.dtype
     return torch.float32
 
 
@@ -173,30 +154,29 @@ def _value_of(node: torch.fx.Node, values: dict, gm: torch.fx.GraphModule, span:
             raise MergeError(f"span {span!r}: {node.name} reads {arg} from outside the span")
         return values[arg]
 
-    info = conv_info(node, gm)
-    if info is not None:
-        if info.problem is not None:
-            raise MergeError(f"span {span!r}: conv {node.name} cannot be merged: {info.problem}")
-        if any(p != 0 for p in info.padding):
+    site = conv_site(node, gm)
+    if site is not None:
+        if site.problem is not None:
+            raise MergeError(f"span {span!r}: conv {node.name} cannot be merged: {site.problem}")
+        if any(p != 0 for p in site.params.padding):
             raise MergeError(f"span {span!r}: conv {node.name} still pads its input; spans must come from linearize")
-        return kernels.then_conv(value(info.input), info.weight, info.bias, info.stride, info.dilation, info.groups)
-    affine = affine_info(node, gm)
+        p = site.params
+        return kernels.then_conv(value(site.input), p.weight, p.bias, p.stride, p.dilation, p.groups)
+    if is_native_batchnorm(node):
+        return value(node.args[0])  # its getitem(0) is the affine
+    affine = affine_site(node, gm)
     if affine is not None:
         return kernels.then_affine(value(affine.input), affine.scale, affine.shift)
-    if node.op == "call_function" and node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
-        return value(node.args[0])  # its getitem(0) is the affine
-    joined = join_info(node)
+    joined = join_site(node, shape_of)
     if joined is not None:
-        kind, operands, problem = joined
-        if problem is not None:
-            raise MergeError(f"span {span!r}: {node.name}: {problem}")
-        parts = [value(o) for o in operands]
-        return kernels.add(*parts) if kind == "add" else kernels.cat(*parts)
+        if joined.problem is not None:
+            raise MergeError(f"span {span!r}: {node.name}: {joined.problem}")
+        parts = [value(o) for o in joined.operands]
+        return kernels.add(*parts) if joined.kind == "add" else kernels.cat(*parts)
     if is_marker(node, SPAN_CROP):
         cut = list(node.args[1])
         dims = len(cut) // 2
-        leading = tuple(-cut[2 * (dims - 1 - d)] for d in range(dims))
-        return kernels.crop(value(node.args[0]), leading)
+        return kernels.crop(value(node.args[0]), tuple(-cut[2 * (dims - 1 - d)] for d in range(dims)))
     if is_transparent(node, gm):
         return value(node.args[0])
     raise MergeError(f"span {span!r}: {node.format_node()} is not a linear op fxmerge can merge")
@@ -205,47 +185,44 @@ def _value_of(node: torch.fx.Node, values: dict, gm: torch.fx.GraphModule, span:
 # ------------------------------------------------------------------- affines
 def _fold_affines(gm: torch.fx.GraphModule, counter: list[int]) -> None:
     for node in list(gm.graph.nodes):
-        if node.graph is not gm.graph or node.op not in ("call_module", "call_function"):
+        if node.graph is not gm.graph:
             continue
-        info = conv_info(node, gm)
-        if info is None or info.transposed:
+        site = conv_site(node, gm)
+        if site is None or site.params.transposed or isinstance(site.padding, str):
             continue
-        conv = node
-        params = kernels.ConvParams(
-            weight=info.weight.detach(), bias=None if info.bias is None else info.bias.detach(),
-            stride=info.stride, padding=info.padding, dilation=info.dilation, groups=info.groups,
-            padding_mode=info.padding_mode,
-        )
-        folded_any = False
-        last = conv
-        while len(last.users) == 1:
-            user = next(iter(last.users))
-            if is_transparent(user, gm):
-                break
-            affine = affine_info(user, gm)
-            if affine is None and user.op == "call_function" and user.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
-                getitems = [u for u in user.users if u.args[1] == 0]
-                affine = affine_info(getitems[0], gm) if len(getitems) == 1 else None
-            if affine is None or _resolve_native(affine) is not last:
-                break
-            params = kernels.fold_affine(params, affine.scale, affine.shift)
-            last = affine.node
-            folded_any = True
-        if not folded_any or isinstance(params.padding, str):
+        params, last = _fold_chain(node, site.params, gm)
+        if last is node:
             continue
         if params.bias is None:
-            params = kernels.ConvParams(params.weight, torch.zeros(params.out_channels, dtype=params.weight.dtype), params.stride, params.padding, params.dilation, params.groups, params.padding_mode)
+            params = kernels.ConvParams(
+                params.weight, torch.zeros(params.out_channels, dtype=params.weight.dtype), params.stride,
+                params.padding, params.dilation, params.groups, params.padding_mode,
+            )
         module = params.to_module()
-        module.padding_mode = info.padding_mode
+        module.padding_mode = params.padding_mode
         name = f"fxmerge_folded_{counter[0]}"
         counter[0] += 1
         gm.add_module(name, module)
         with gm.graph.inserting_before(last):
-            new = gm.graph.call_module(name, (info.input,))
-        new.meta.update(conv.meta)
+            new = gm.graph.call_module(name, (site.input,))
+        new.meta.update(node.meta)
         last.replace_all_uses_with(new)
-    gm.__dict__.pop("_fxmerge_modules", None)
 
 
-def _resolve_native(affine) -> torch.fx.Node:
-    return affine.input
+def _fold_chain(conv: torch.fx.Node, params: kernels.ConvParams, gm):
+    """The conv with every affine that is the sole reader of its output folded in, and the last one."""
+    params = kernels.ConvParams(
+        params.weight.detach(), None if params.bias is None else params.bias.detach(), params.stride,
+        params.padding, params.dilation, params.groups, params.padding_mode,
+    )
+    last = conv
+    while len(last.users) == 1:
+        user = next(iter(last.users))
+        if is_transparent(user, gm):
+            break
+        affine = affine_site(user, gm)
+        if affine is None or affine.input is not last:
+            break
+        params = kernels.fold_affine(params, affine.scale, affine.shift)
+        last = affine.node
+    return params, last

@@ -3,28 +3,41 @@
 ``rules="paper"`` reproduces the search space of the reference LayerMerge
 implementation (Kim et al., ICML 2024) so that results can be compared with the
 paper. It is a filter: it takes the span graph the general rules build (with
-options deduplicated by merged kernel size and depthwise-or-not, see
-``spans.OPTION_KEYS``) and removes the spans the paper never considers:
+options keyed by merged kernel, stride and depthwise-or-not, see
+``spans.OPTION_KEYS``, and no bound on kernel size or span length, see
+:func:`default_max_kernel` and :func:`default_max_units`) and removes the spans the
+paper never considers:
 
-(a) *positions lie on the main path.* A projection shortcut (a branch of a residual
-    ``add`` holding a single conv while another branch holds more) is not a choice
-    of its own: its only span is the single-unit one that keeps it as it is, and
-    otherwise it merges only inside a span covering its whole block.
-(b) *the stem is never inside a span*: the first unit of the network keeps its own
-    single-unit span.
-(c) *a span contains at most one strided conv, and only 1×1 convs after it*, along
-    every path through it. No span crosses a *break*: the stem's position and, for
-    every strided conv of the main path, its own position, or, when only 1×1 convs
-    follow it up to the next residual block, that block's source position.
-(d) *a span that touches a residual block lies inside one of its branches or covers
+(a) *the table lies on the main path.* Position 0 is the stem's output: the stem
+    (the network's first conv) is never inside a multi-unit span and has no entry
+    in the table. A projection shortcut (a branch of a residual ``add`` holding a
+    single conv while another branch holds more) is never a choice of its own: it
+    merges only inside a span covering its whole block. Both keep their single-unit
+    span, so that every plan still covers every unit, but :func:`paper_table` (the
+    table proper) leaves them out, as it leaves out units kept out of every span
+    (``exclude=``); :func:`outside_table` says which units and why.
+(b) *a residual branch taken whole from its block's source is the whole block.*
+    The reference has one position after a block's last conv, the block output
+    after the add, so the branch alone and the block with its skip absorbed are one
+    span: the block. The general rules' branch-only twin is removed.
+(c) *no span crosses a break*: the stem's position; for a strided conv inside a
+    residual block, its own position (the block output when it is the branch's
+    last conv); for a strided conv outside residual blocks followed only by 1×1
+    convs up to the next residual block, that block's source (the 1×1 right after a
+    strided conv merges with it), otherwise its own position. Spans may still end
+    inside a strided block.
+(d) *a span holds at most one strided conv, and only 1×1 convs after it*, along
+    every path through it (implied by the breaks; kept as a safety net).
+(e) *a span that touches a residual block lies inside one of its branches or covers
     the whole block.* The general rules already guarantee this.
-(e) *options* are the distinct (merged kernel size, depthwise-or-not) results, each
-    realised by the kept convs with the largest summed ``|weight|``, with at least
-    one conv kept — the general enumerator does this when given the paper key.
+(f) *options* are the distinct (merged kernel, stride, depthwise-or-not) results of
+    pruning reducible convs (C→C, stride 1) with at least one conv kept, each
+    realised by the kept convs with the largest summed ``|weight|``; the general
+    enumerator computes them exactly when given the paper key.
 
 Nothing here is architecture-specific: stems, shortcuts, strided convs and residual
 sources are read off the chain structure of the span graph, so the rules apply to
-any network, with ResNets and MobileNets giving exactly the paper's spaces.
+any network, with ResNets and MobileNetV2s giving exactly the reference's spaces.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from fxmerge.ir import Chain, Parallel, Rejection, Span, SpanGraph, Step
 
 
 def paper_rules(graph: SpanGraph) -> SpanGraph:
-    """The span graph restricted to the LayerMerge paper's search space (rules a–e above)."""
+    """The span graph restricted to the LayerMerge paper's search space (rules a–f above)."""
     structure = _Structure(graph)
     kept: list[Span] = []
     dropped: dict[str, int] = {}
@@ -49,14 +62,48 @@ def paper_rules(graph: SpanGraph) -> SpanGraph:
             dropped[reason] = dropped.get(reason, 0) + 1
     covered_joins = {join for span in kept for join in span.joins}
     chains = tuple(_remark(chain, covered_joins) for chain in graph.chains)
-    notes = tuple(
+    notes = [
         Rejection("<paper rules>", f"{count} span(s) removed: {reason}") for reason, count in sorted(dropped.items())
-    )
-    return replace(graph, rules="paper", spans=tuple(kept), chains=chains, rejections=graph.rejections + notes)
+    ]
+    outside = structure.outside()
+    table = _table(kept, outside)
+    listed = ", ".join(f"{unit} ({why.split(':')[0]})" for unit, why in outside.items()) or "none"
+    notes.append(Rejection(
+        "<paper rules>",
+        f"search table: {len(table)} spans, {sum(len(s.options) for s in table)} entries; "
+        f"outside it, each with only its own fixed span: {listed}",
+    ))
+    return replace(graph, rules="paper", spans=tuple(kept), chains=chains, rejections=graph.rejections + tuple(notes))
+
+
+def outside_table(graph: SpanGraph) -> dict[str, str]:
+    """Units that have no entries of their own in the paper's table, each with why (rule a)."""
+    return _Structure(graph).outside()
+
+
+def paper_table(graph: SpanGraph) -> tuple[Span, ...]:
+    """The spans of the paper's table: every span but those made only of :func:`outside_table` units."""
+    return _table(graph.spans, outside_table(graph))
+
+
+def default_max_kernel(rules: str) -> int | None:
+    """The merged-kernel bound a rule set uses unless the user sets one: 15 under the
+    general rules, none under the paper's (its search space has no cap)."""
+    return None if rules == "paper" else 15
+
+
+def default_max_units(rules: str) -> int | None:
+    """The bound on a span's units: 12 under the general rules, none under the paper's
+    (its breaks bound spans; a MobileNetV2 span there holds up to 21 convs)."""
+    return None if rules == "paper" else 12
+
+
+def _table(spans, outside: dict[str, str]) -> tuple[Span, ...]:
+    return tuple(span for span in spans if not set(span.units) <= outside.keys())
 
 
 class _Structure:
-    """What the rules need to know about a span graph: stem, shortcuts, strided convs, breaks."""
+    """What the rules need to know about a span graph: stem, shortcuts, residual blocks, breaks."""
 
     def __init__(self, graph: SpanGraph):
         self.graph = graph
@@ -72,24 +119,36 @@ class _Structure:
         self.stem = min(graph.units, key=lambda u: self.index[u.output_position]).id if graph.units else None
         self.shortcuts: set[str] = set()
         self.residual_sources: set[str] = set()
+        self.residual_units: set[str] = set()  # units inside a branch of a residual block
+        self.branch_ends: dict[str, str] = {}  # last position of a residual branch → the block output
+        self.whole_branches: set[tuple[str, str]] = set()  # (block source, branch end) of non-empty branches
         for chain in graph.chains:
-            self._visit(chain)
+            self._visit(chain, inside_residual=False)
         self.breaks = self._breaks()
 
     # -- structure
-    def _visit(self, chain: Chain) -> None:
+    def _visit(self, chain: Chain, inside_residual: bool) -> None:
         for k, step in enumerate(chain.steps):
+            if step.kind == "unit" and inside_residual:
+                self.residual_units.add(step.unit)
             if step.kind != "parallel" or not isinstance(step.region, Parallel):
                 continue
             region = step.region
-            if self.graph.join(region.join).kind == "add":
-                self.residual_sources.add(chain.positions[k])
-                sizes = [self._unit_count(branch) for branch in region.branches]
-                for branch, size in zip(region.branches, sizes):
-                    if size == 1 and max(sizes) > 1:
-                        self.shortcuts.add(branch.steps[0].unit)
+            residual = self.graph.join(region.join).kind == "add"
+            if residual:
+                self._residual_block(region, chain.positions[k], chain.positions[k + 1])
             for branch in region.branches:
-                self._visit(branch)
+                self._visit(branch, inside_residual or residual)
+
+    def _residual_block(self, region: Parallel, source: str, output: str) -> None:
+        self.residual_sources.add(source)
+        sizes = [self._unit_count(branch) for branch in region.branches]
+        for branch, size in zip(region.branches, sizes):
+            if size == 1 and max(sizes) > 1:
+                self.shortcuts.add(branch.steps[0].unit)
+            if branch.steps:
+                self.branch_ends[branch.positions[-1]] = output
+                self.whole_branches.add((branch.positions[0], branch.positions[-1]))
 
     def _unit_count(self, chain: Chain) -> int:
         return sum(1 if step.kind == "unit" else 2 for step in chain.steps)
@@ -118,18 +177,34 @@ class _Structure:
         for unit in self.graph.units:
             if unit.id == self.stem or unit.id in self.shortcuts or not self._is_strided(unit.id):
                 continue
-            after = nx.descendants(self.flow, unit.output_position)
-            later_sources = sorted(
-                (p for p in self.residual_sources if p in after or p == unit.output_position),
-                key=self.index.__getitem__,
-            )
-            if later_sources and all(
-                self._is_pointwise(u) for u in self._units_after(unit.output_position, later_sources[0])
-            ):
-                breaks.setdefault(later_sources[0], f"the first residual source after strided {unit.id}")
-            else:
-                breaks.setdefault(unit.output_position, f"strided {unit.id}'s position")
+            position, why = self._break_of(unit.id)
+            breaks.setdefault(position, why)
         return breaks
+
+    def _break_of(self, unit_id: str) -> tuple[str, str]:
+        """Where no span may cross because of strided ``unit_id`` (rule c)."""
+        position = self.units[unit_id].output_position
+        if unit_id in self.residual_units:
+            return self.branch_ends.get(position, position), f"strided {unit_id}'s position (in a residual block)"
+        after = nx.descendants(self.flow, position)
+        later_sources = sorted(
+            (p for p in self.residual_sources if p in after or p == position), key=self.index.__getitem__
+        )
+        if later_sources and all(self._is_pointwise(u) for u in self._units_after(position, later_sources[0])):
+            return later_sources[0], f"the first residual source after strided {unit_id}"
+        return position, f"strided {unit_id}'s position"
+
+    def outside(self) -> dict[str, str]:
+        """Units with no entries of their own in the table (rule a), in unit order."""
+        why: dict[str, str] = {}
+        for unit in self.graph.units:
+            if unit.id == self.stem:
+                why[unit.id] = "the stem: position 0 is its output"
+            elif unit.id in self.shortcuts:
+                why[unit.id] = "projection shortcut: it merges only inside its whole block"
+            elif unit.ineligible is not None:
+                why[unit.id] = f"kept out of every span: {unit.ineligible}"
+        return why
 
     # -- the rules, per span
     def problem(self, span: Span) -> str | None:
@@ -137,9 +212,10 @@ class _Structure:
             return None  # every unit keeps its own span: a plan can always leave it as it is
         if self.stem in span.units:
             return "the stem is never inside a span"
+        if (span.start, span.end) in self.whole_branches:
+            return "a residual branch taken whole from its source is the whole block (its skip absorbed)"
         inner = (nx.descendants(self.flow, span.start) & nx.ancestors(self.flow, span.end)) - {span.start, span.end}
-        crossed = sorted(p for p in inner if p in self.breaks)
-        if crossed:
+        if any(p in self.breaks for p in inner):
             return "crosses a break (the stem's position, a strided conv's, or the residual source after one)"
         if not self._strides_ok(span):
             return "at most one strided conv per path, and only 1×1 convs after it"

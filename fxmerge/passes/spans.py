@@ -20,14 +20,14 @@ never cuts a block in half. Its *options* prune subsets of its reducible convs
 (C→C, stride 1, size preserving); options producing the same merged conv (kernel,
 stride, groups) are deduplicated, keeping the subset with the largest summed
 ``|weight|``. The merged conv of each option is computed from a weight-free
-*footprint* that follows the same algebra as ``fxmerge.kernels``.
+*footprint* that follows the same algebra as ``fxmerge.kernels``; the reachable
+footprints are enumerated exactly, for any number of reducible convs, by a dynamic
+program along the span that keeps the heaviest choice per distinct footprint.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass
 
 import networkx as nx
 
@@ -35,6 +35,7 @@ from fxmerge.ir import (
     Chain,
     ConvSpec,
     Join,
+    Matched,
     Option,
     Parallel,
     Position,
@@ -45,7 +46,7 @@ from fxmerge.ir import (
     Unit,
     span_id,
 )
-from fxmerge.passes.match import Matched
+from fxmerge.kernels import Footprint
 
 _ROOT = "__root__"
 
@@ -61,63 +62,18 @@ OPTION_KEYS = {
 """Options of a span that give the same key are one option (the largest summed |weight| wins)."""
 
 
-@dataclass(frozen=True)
-class _Footprint:
-    """Weight-free LinearMap: kernel extent, stride, offset, groups (see kernels.py)."""
-
-    kernel: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: tuple[int, ...]
-    groups: int
-    channels_in: int
-    channels_out: int
-
-    @classmethod
-    def identity(cls, channels: int, dims: int) -> _Footprint:
-        return cls((1,) * dims, (1,) * dims, (0,) * dims, channels, channels, channels)
-
-    @classmethod
-    def of_conv(cls, spec: ConvSpec) -> _Footprint:
-        kernel = tuple((k - 1) * d + 1 for k, d in zip(spec.kernel_size, spec.dilation))
-        return cls(kernel, spec.stride, tuple(-p for p in spec.padding), spec.groups, spec.in_channels, spec.out_channels)
-
-    def then(self, after: _Footprint) -> _Footprint:
-        """``after`` applied to this map's output."""
-        return _Footprint(
-            kernel=tuple((ka - 1) * s + k for ka, s, k in zip(after.kernel, self.stride, self.kernel)),
-            stride=tuple(sa * s for sa, s in zip(after.stride, self.stride)),
-            offset=tuple(o + oa * s for o, oa, s in zip(self.offset, after.offset, self.stride)),
-            groups=math.gcd(self.groups, after.groups),
-            channels_in=self.channels_in,
-            channels_out=after.channels_out,
-        )
-
-    @staticmethod
-    def combine(parts: list[_Footprint], kind: str) -> _Footprint | None:
-        if len({p.stride for p in parts}) != 1:
-            return None
-        dims = len(parts[0].kernel)
-        offset = tuple(min(p.offset[d] for p in parts) for d in range(dims))
-        kernel = tuple(max(p.offset[d] + p.kernel[d] for p in parts) - offset[d] for d in range(dims))
-        if kind == "add":
-            groups = math.gcd(*[p.groups for p in parts])
-            out = parts[0].channels_out
-        else:
-            groups = parts[0].groups if len(parts) == 1 else 1
-            out = sum(p.channels_out for p in parts)
-        return _Footprint(kernel, parts[0].stride, offset, groups, parts[0].channels_in, out)
-
-
-def span_graph(matched: Matched, *, model: str, input_shapes, rules: str = "general", max_kernel: int = 15, max_units: int = 12, weight_norms: dict[str, float] | None = None) -> SpanGraph:
+def span_graph(matched: Matched, *, model: str, input_shapes, rules: str = "general", max_kernel: int | None = 15, max_units: int | None = 12) -> SpanGraph:
     """Build the span graph of a matched graph.
 
     ``rules`` picks how options are deduplicated (:data:`OPTION_KEYS`); the paper's
     restrictions on spans are applied afterwards by ``rules.paper_rules``.
+    ``max_kernel`` and ``max_units`` bound a merged kernel's size and a span's units
+    (``None``: unbounded; ``rules.default_max_kernel`` / ``default_max_units``).
     """
     units = {u.id: u for u in matched.units}
     joins = {j.id: j for j in matched.joins}
     positions = {p.id: p for p in matched.positions}
-    norms = weight_norms or {}
+    norms = matched.weight_norms
     graph = nx.DiGraph()
     graph.add_nodes_from(positions)
     for unit in matched.units:
@@ -269,7 +225,7 @@ class _ChainBuilder:
             elif len(unit_edges) == 1 and not region_targets:
                 kind, target = "unit", unit_edges[0]
             else:
-                moves = [("unit", e) for e in unit_edges if not self._inside_region_of(p, e[0], region_targets)]
+                moves = [("unit", e) for e in unit_edges if not self._inside_region_of(e[0], region_targets)]
                 moves += [("region", b) for b in region_targets]
                 if len(moves) > 1:
                     self.fanout_pinned.setdefault(p, "read by several branches that do not meet again")
@@ -300,7 +256,7 @@ class _ChainBuilder:
         _, branches = self.regions[b]
         return set().union(*(nodes for _, nodes in branches))
 
-    def _inside_region_of(self, p, q, region_targets):
+    def _inside_region_of(self, q, region_targets):
         return any(q in self._region_nodes(b) for b in region_targets)
 
     def _region(self, a, b) -> Parallel:
@@ -330,7 +286,6 @@ class _SpanEnumerator:
         self.norms = norms
         self.option_key = option_key
         self._mergeable: dict[int, bool] = {}
-        self._region_footprints: dict[tuple, _Footprint | None] = {}
 
     # -- what a step contains
     def region_units(self, region: Parallel) -> list[str]:
@@ -341,11 +296,7 @@ class _SpanEnumerator:
         return out
 
     def step_units(self, step: Step) -> list[str]:
-        if step.kind == "unit":
-            return [step.unit]
-        if step.kind == "parallel":
-            return self.region_units(step.region)
-        return list(step.region.units)
+        return [step.unit] if step.kind == "unit" else self.region_units(step.region)
 
     def region_joins(self, region: Parallel) -> list[str]:
         out = [region.join]
@@ -379,38 +330,7 @@ class _SpanEnumerator:
     def crossable(self, step: Step) -> bool:
         if step.kind == "unit":
             return self.units[step.unit].ineligible is None
-        if step.kind == "parallel":
-            return self.mergeable(step.region)
-        return False
-
-    # -- footprints
-    def footprint(self, steps: list[Step], channels: int, dims: int, pruned: frozenset) -> _Footprint | None:
-        value = _Footprint.identity(channels, dims)
-        for step in steps:
-            if step.kind == "unit":
-                if step.unit not in pruned:
-                    value = value.then(_Footprint.of_conv(self.units[step.unit].conv))
-            else:
-                combined = self._region_footprint(step.region, value.channels_out, dims, pruned)
-                if combined is None:
-                    return None
-                value = value.then(combined)
-        return value
-
-    def _region_footprint(self, region: Parallel, channels: int, dims: int, pruned: frozenset) -> _Footprint | None:
-        """A region's footprint, memoised on the pruned units inside it (options share regions)."""
-        inside = frozenset(self.region_units(region)) & pruned
-        key = (id(region), channels, dims, inside)
-        if key not in self._region_footprints:
-            parts = []
-            for branch in region.branches:
-                part = self.footprint(list(branch.steps), channels, dims, inside)
-                if part is None:
-                    self._region_footprints[key] = None
-                    return None
-                parts.append(part)
-            self._region_footprints[key] = _Footprint.combine(parts, self.joins[region.join].kind)
-        return self._region_footprints[key]
+        return self.mergeable(step.region)
 
     # -- enumeration
     def spans_of(self, chain: Chain) -> list[Span]:
@@ -424,8 +344,6 @@ class _SpanEnumerator:
                         break
                     if any(p in self.pinned for p in chain.positions[i + 1:j]):
                         break
-                if steps[0].kind == "fixed":
-                    break
                 span = self._span(chain, i, j, steps)
                 if span is None:
                     if self._too_big(steps):
@@ -434,14 +352,20 @@ class _SpanEnumerator:
                 spans.append(span)
         return spans
 
+    def _too_wide(self, fp: Footprint) -> bool:
+        return self.max_kernel is not None and any(k > self.max_kernel for k in fp.kernel)
+
     def _too_big(self, steps) -> bool:
         units = [u for s in steps for u in self.step_units(s)]
-        return len(units) > self.max_units
+        return self._too_many(len(units))
+
+    def _too_many(self, count: int) -> bool:
+        return self.max_units is not None and count > self.max_units
 
     def _span(self, chain: Chain, i: int, j: int, steps: list[Step]) -> Span | None:
         start, end = chain.positions[i], chain.positions[j]
         unit_ids = [u for s in steps for u in self.step_units(s)]
-        if not unit_ids or len(unit_ids) > self.max_units:
+        if not unit_ids or self._too_many(len(unit_ids)):
             return None
         joins = [jid for s in steps if s.kind == "parallel" for jid in self.region_joins(s.region)]
         inner = list(chain.positions[i + 1:j])
@@ -463,41 +387,135 @@ class _SpanEnumerator:
         return Span(span_id(start, end), start, end, tuple(unit_ids), tuple(joins), dropped, tuple(options))
 
     def _options(self, steps, unit_ids, start: Position, end: Position) -> list[Option]:
-        reducible = [u for u in unit_ids if self.units[u].reducible]
-        if len(reducible) <= 8:
-            subsets = [frozenset(c) for r in range(len(reducible) + 1) for c in itertools.combinations(reducible, r)]
-        else:
-            subsets = [frozenset()] + [frozenset(c) for r in (1, 2) for c in itertools.combinations(reducible, r)]
+        """One option per distinct merged conv (``option_key``), each realised by its heaviest kept subset.
+
+        The merged convs reachable by pruning reducible convs come from a dynamic
+        program over the span (:meth:`_reach`), exact for any number of reducible convs.
+        Among the choices giving one key the largest summed ``|weight|`` wins, then
+        fewer pruned convs, then the earliest pruned ones (:func:`_rank`).
+        """
         first = self.units[unit_ids[0]].conv
-        dims = first.dims
         channels = start.shape[1] if len(start.shape) > 1 else first.in_channels
-        best: dict[tuple, tuple[float, frozenset, ConvSpec]] = {}
-        for pruned in subsets:
-            if len(pruned) == len(unit_ids):
+        index = {u: k for k, u in enumerate(unit_ids)}
+        reach = self._span_reach(steps, start, _start(channels, first.dims), index)
+        best: dict[tuple, tuple[tuple, tuple[int, ...], ConvSpec]] = {}
+        for (fp, kept), (score, pruned) in reach.items():
+            spec = self._merged_conv(fp, start, end, first) if kept else None  # every option keeps a conv
+            if spec is None:
                 continue
-            fp = self.footprint(steps, channels, dims, pruned)
-            if fp is None or any(k > self.max_kernel for k in fp.kernel) or any(o > 0 for o in fp.offset):
-                continue
-            spec = ConvSpec(
-                dims=dims, in_channels=channels, out_channels=fp.channels_out, kernel_size=fp.kernel,
-                stride=fp.stride, padding=tuple(-o for o in fp.offset), dilation=(1,) * dims,
-                groups=fp.groups, bias=True, activation=end.activation, input_shape=start.shape, dtype=first.dtype,
-            )
-            if end.shape and spec.output_shape != tuple(end.shape):
-                continue
-            if spec.out_channels * (spec.in_channels // spec.groups) * math.prod(spec.kernel_size) > MAX_MERGED_PARAMS:
-                continue
-            key = self.option_key(spec)
-            score = sum(self.norms.get(u, 1.0) for u in unit_ids if u not in pruned)
-            if key not in best or score > best[key][0] or (score == best[key][0] and not pruned):
-                best[key] = (score, pruned, spec)
+            key, rank = self.option_key(spec), _rank(score, pruned)
+            if key not in best or rank > best[key][0]:
+                best[key] = (rank, pruned, spec)
+        chosen = [(tuple(unit_ids[k] for k in pruned), spec) for _, pruned, spec in best.values()]
         options = []
-        for _, pruned, spec in sorted(best.values(), key=lambda v: (len(v[1]), sorted(v[1]))):
-            order = [u for u in unit_ids if u in pruned]
-            option_id = "keep" if not order else "prune:" + "+".join(order)
-            options.append(Option(id=option_id, pruned=tuple(order), conv=spec))
+        for pruned_ids, spec in sorted(chosen, key=lambda c: (len(c[0]), sorted(c[0]))):
+            option_id = "keep" if not pruned_ids else "prune:" + "+".join(pruned_ids)
+            options.append(Option(id=option_id, pruned=pruned_ids, conv=spec))
         return options
 
+    def _merged_conv(self, fp: Footprint, start: Position, end: Position, first: ConvSpec) -> ConvSpec | None:
+        """The conv a reachable footprint becomes, or ``None`` when it is not offered."""
+        if self._too_wide(fp) or any(o > 0 for o in fp.offset):
+            return None
+        dims = first.dims
+        spec = ConvSpec(
+            dims=dims, in_channels=fp.channels_in, out_channels=fp.channels_out, kernel_size=fp.kernel,
+            stride=fp.stride, padding=tuple(-o for o in fp.offset), dilation=(1,) * dims,
+            groups=fp.groups, bias=True, activation=end.activation, input_shape=start.shape, dtype=first.dtype,
+        )
+        if end.shape and spec.output_shape != tuple(end.shape):
+            return None
+        if spec.out_channels * (spec.in_channels // spec.groups) * math.prod(spec.kernel_size) > MAX_MERGED_PARAMS:
+            return None
+        return spec
+
+    def _span_reach(self, steps: list[Step], start: Position, states: _Reach, index: dict[str, int]) -> _Reach:
+        """:meth:`_reach` of a span, continuing the previous span's when that is a prefix of it:
+        spans are enumerated by growing end, so each step is composed once per start."""
+        last = self.__dict__.get("_last_reach")  # (start, steps, reach) of the previous span
+        if last and last[0] == start.id and len(last[1]) < len(steps) and all(a is b for a, b in zip(last[1], steps)):
+            done, states = len(last[1]), last[2]
+        else:
+            done = 0
+        states = self._reach(steps[done:], states, index)
+        self.__dict__["_last_reach"] = (start.id, tuple(steps), states)
+        return states
+
+    def _reach(self, steps: list[Step], states: _Reach, index: dict[str, int]) -> _Reach:
+        """Every footprint ``states`` followed by ``steps`` can become by pruning reducible convs.
+
+        Keyed by (footprint, whether a conv is kept), each with its best (score, pruned
+        indices). Exact: what later steps make of a prefix depends only on the
+        prefix's footprint, and scores add, so the best prefix per footprint suffices.
+        Kernels only grow along a span, so a prefix past ``max_kernel`` is dropped early.
+        """
+        for step in steps:
+            if not states:  # every prefix is past max_kernel: so is every longer span
+                return {}
+            value = next(iter(states))[0]  # every state has the same channels: pruned convs are C→C
+            channels, dims = value.channels_out, len(value.kernel)
+            if step.kind == "unit":
+                choices = self._unit_choices(self.units[step.unit], index)
+            else:
+                choices = self._region_reach(step.region, channels, dims, index)
+            states = _compose(states, choices, _then)
+            states = {key: best for key, best in states.items() if not self._too_wide(key[0])}
+        return states
+
+    def _unit_choices(self, unit: Unit, index: dict[str, int]) -> dict[tuple[Footprint | None, bool], tuple[float, tuple[int, ...]]]:
+        """Keep the conv, or, when it is reducible, prune it (``None``: the identity)."""
+        choices = {(Footprint.of_conv(unit.conv), True): (self.norms.get(unit.id, 1.0), ())}
+        if unit.reducible:
+            choices[(None, False)] = (0.0, (index[unit.id],))
+        return choices
+
+    def _region_reach(self, region: Parallel, channels: int, dims: int, index: dict[str, int]) -> _Reach:
+        """What a region can become: each branch's reach, joined branch by branch (add or cat)."""
+        kind = self.joins[region.join].kind
+        joined: _Reach | None = None
+        for branch in region.branches:
+            reach = self._reach(list(branch.steps), _start(channels, dims), index)
+            joined = reach if joined is None else _compose(joined, reach, lambda a, b: _join(a, b, kind))
+        return joined or {}
+
+
+_Reach = dict[tuple[Footprint, bool], tuple[float, tuple[int, ...]]]
+"""Reachable footprints of a piece of a span: (footprint, a conv kept) → (summed |weight|, pruned unit indices)."""
+
+
+def _start(channels: int, dims: int) -> _Reach:
+    """Nothing composed yet: the identity, no conv kept, nothing pruned."""
+    return {(Footprint.identity(channels, dims), False): (0.0, ())}
+
+
+def _rank(score: float, pruned: tuple[int, ...]) -> tuple:
+    """Heavier first, then fewer pruned convs, then the earliest pruned (the order of enumerating subsets)."""
+    return (score, -len(pruned), tuple(-k for k in pruned))
+
+
+def _compose(states: _Reach, choices: dict, combine) -> _Reach:
+    """Every state followed by every choice, the best (:func:`_rank`) kept per resulting footprint."""
+    out: _Reach = {}
+    for (fa, ka), (sa, pa) in states.items():
+        for (fb, kb), (sb, pb) in choices.items():
+            fp = combine(fa, fb)
+            if fp is None:
+                continue
+            key, value = (fp, ka or kb), (sa + sb, pa + pb)
+            if key not in out or _rank(*value) > _rank(*out[key]):
+                out[key] = value
+    return out
+
+
+def _then(before: Footprint, after: Footprint | None) -> Footprint:
+    return before if after is None else before.then(after)
+
+
+def _join(a: Footprint, b: Footprint, kind: str) -> Footprint | None:
+    try:
+        return Footprint.combine([a, b], kind)
+    except ValueError:  # branches of different strides: no single conv
+        return None
 
 def _mark_mergeable(chain: Chain, enumerator: _SpanEnumerator) -> Chain:
     steps = []

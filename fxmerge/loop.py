@@ -1,0 +1,165 @@
+"""The closed latency loop: solve, merge, measure, correct the budget, solve again.
+
+A plan's latency is *predicted* as the sum of its entries' latencies, each timed
+alone, plus one calibrated offset. That prediction is good on average and wrong
+where it matters: on small inputs a runtime's fixed costs dominate, on a busy machine
+the offset absorbs noise, and the plans a solver picks are exactly those the table
+thinks cheap. So ``compress`` does not trust it. After each solve the plan is merged
+and timed end to end, side by side with the (BatchNorm-folded) original on the same
+backend, and the measured ratio is compared with the one asked for:
+
+* within ``tolerance`` (default ±3%): done;
+* otherwise the budget is corrected from what was measured — linearly between the
+  two nearest measured plans that bracket the target, else by the ratio of asked to
+  measured — and the solver runs again, for at most ``max_rounds`` solves.
+
+Of the plans measured, the one kept is the most important plan that meets the target
+(within tolerance); when none does, the most important one that is at least as fast
+as asked; when none is, the fastest. Every round is reported. A target in
+milliseconds is checked against the merged model's measured milliseconds the same way.
+
+Nothing here times or solves by itself: it is given ``solve_at(budget_ms) -> Plan`` and
+``measure(plan) -> Measured``, so a deterministic fake can test the loop exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fxmerge.plan import Plan
+from fxmerge.report import Round
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A merged plan timed side by side with the original."""
+
+    original_ms: float
+    merged_ms: float
+    ratio: float  # merged / original, from the same interleaved rounds
+    rel_error: float = 0.0  # the ratio's relative uncertainty (95%)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the user asked for: a share of the original (``ratio``) or milliseconds (``ms``)."""
+
+    ratio: float | None = None
+    ms: float | None = None
+
+    def error(self, measured: Measured) -> float:
+        """Measured over asked, minus one: positive means slower than asked."""
+        if self.ratio is not None:
+            return measured.ratio / self.ratio - 1.0
+        return measured.merged_ms / self.ms - 1.0
+
+    def not_below(self, original_ms: float) -> bool:
+        """Whether the target asks for no speed-up at all (100% or more, or the original's ms or more)."""
+        return self.ratio >= 1.0 if self.ratio is not None else self.ms >= original_ms
+
+    def describe(self) -> str:
+        return f"{self.ratio:.0%} of the original" if self.ratio is not None else f"{self.ms:.4g} ms"
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    plan: Plan
+    rounds: tuple[Round, ...]
+    kept: Round  # the round that measured the kept plan
+    met: bool
+    error: float  # of the kept plan (measured over asked, minus one)
+    why: str
+
+
+def meet_target(
+    solve_at: Callable[[float], Plan],
+    measure: Callable[[Plan], Measured],
+    target: Target,
+    *,
+    first_budget_ms: float,
+    budget_range: tuple[float, float],
+    tolerance: float = 0.03,
+    max_rounds: int = 4,
+) -> LoopOutcome:
+    """Solve and measure until the merged model meets ``target`` as measured (see the module docstring).
+
+    ``budget_range`` bounds the predicted budgets tried (the fastest plan's prediction
+    and the original's).
+    """
+    history: list[tuple[float, Plan, Measured]] = []  # (budget, plan, measurement)
+    measured_plans: dict[tuple[str, ...], Measured] = {}
+    budget = _clamp(first_budget_ms, budget_range)
+    why = ""
+    for _ in range(max_rounds):
+        plan = solve_at(budget)
+        repeat = plan.entries in measured_plans
+        measured = measured_plans.get(plan.entries) or measure(plan)
+        measured_plans[plan.entries] = measured
+        history.append((budget, plan, measured))
+        if abs(target.error(measured)) <= tolerance:
+            break
+        if repeat and len(history) > 1 and history[-2][1].entries == plan.entries:
+            why = "the plans the solver picks near the target differ by more than the tolerance"
+            break
+        following = _next_budget(history, target, budget_range)
+        if following is None:
+            why = "no budget in the feasible range moves the plan closer to the target"
+            break
+        budget = following
+    return _keep_best(history, target, tolerance, why, max_rounds)
+
+
+def _predicted(plan: Plan) -> float:
+    return float(dict(plan.info)["predicted_ms"])
+
+
+def _next_budget(history, target: Target, budget_range: tuple[float, float]) -> float | None:
+    """The predicted latency that should measure as asked, from the plans measured so far."""
+    points = sorted({(_predicted(plan), target.error(m)) for _, plan, m in history})
+    below = [p for p in points if p[1] < 0]  # faster than asked
+    above = [p for p in points if p[1] > 0]  # slower than asked
+    if below and above:
+        (p_fast, e_fast), (p_slow, e_slow) = max(below), min(above)
+        wanted = p_fast + (0 - e_fast) * (p_slow - p_fast) / (e_slow - e_fast)
+    else:
+        budget, plan, measured = history[-1]
+        wanted = _predicted(plan) / (1.0 + target.error(measured))
+    wanted = _clamp(wanted, budget_range)
+    tried = {round(b, 9) for b, _, _ in history}
+    return None if round(wanted, 9) in tried else wanted
+
+
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    low, high = bounds
+    return min(max(value, low), high)
+
+
+def _keep_best(history, target: Target, tolerance: float, why: str, max_rounds: int) -> LoopOutcome:
+    rounds = tuple(
+        Round(
+            budget_ms=budget, predicted_ms=_predicted(plan), measured_ms=m.merged_ms, original_ms=m.original_ms,
+            ratio=m.ratio, met=abs(target.error(m)) <= tolerance,
+        )
+        for budget, plan, m in history
+    )
+
+    def objective(item) -> float:
+        return float(dict(item[1].info).get("objective", 0.0))
+
+    met = [item for item in history if abs(target.error(item[2])) <= tolerance]
+    fast_enough = [item for item in history if target.error(item[2]) <= tolerance]
+    if met:
+        chosen = max(met, key=objective)
+    elif fast_enough:
+        chosen = max(fast_enough, key=objective)
+    else:
+        chosen = min(history, key=lambda item: target.error(item[2]))
+    error = target.error(chosen[2])
+    if met:
+        why = f"met: measured {error:+.1%} from {target.describe()} (tolerance ±{tolerance:.0%})"
+    else:
+        why = why or f"not met within {max_rounds} solve(s)"
+        why = f"not met: the kept plan measures {error:+.1%} from {target.describe()}; {why}"
+    kept = rounds[next(k for k, item in enumerate(history) if item is chosen)]
+    return LoopOutcome(plan=chosen[1], rounds=rounds, kept=kept, met=bool(met), error=error, why=why)

@@ -1,0 +1,88 @@
+"""The closed latency loop (``fxmerge.loop``) against a deterministic fake.
+
+The fake's plans are predicted at 10, 11, ..., 100 ms (the original: 100 ms); the
+"true" measured latency of the plan predicted at ``p`` is a known function of ``p``
+(a bias the latency table does not know about). The loop must find the plan whose
+*measured* ratio is the one asked for, or say plainly that it cannot.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fxmerge.loop import Measured, Target, meet_target
+from fxmerge.plan import Plan
+
+LEVELS = [float(k) for k in range(10, 101)]
+
+
+def plan_at(budget: float) -> Plan:
+    """The most important plan predicted within ``budget`` (importance grows with latency)."""
+    p = max((level for level in LEVELS if level <= budget + 1e-9), default=None)
+    if p is None:
+        raise AssertionError(f"budget {budget} below the fastest plan: the loop must clamp it")
+    return Plan(model="fake", fingerprint="f", rules="general", entries=(f"e{p:g}",),
+                info=(("objective", p), ("predicted_ms", p)))
+
+
+def measuring(true_ms):
+    calls = []
+
+    def measure(plan: Plan) -> Measured:
+        p = dict(plan.info)["predicted_ms"]
+        calls.append(p)
+        return Measured(original_ms=100.0, merged_ms=true_ms(p), ratio=true_ms(p) / 100.0)
+
+    return measure, calls
+
+
+def run(target: Target, true_ms, **kwargs):
+    measure, calls = measuring(true_ms)
+    first = target.ratio * 100.0 if target.ratio is not None else target.ms
+    outcome = meet_target(plan_at, measure, target, first_budget_ms=first, budget_range=(10.0, 150.0), **kwargs)
+    return outcome, calls
+
+
+def test_table_too_pessimistic_loop_gives_back_the_speed_it_does_not_need():
+    # merged models run at 0.6x their prediction: solving at the asked budget overshoots
+    outcome, calls = run(Target(ratio=0.6), lambda p: 0.6 * p)
+    assert calls[0] == 60.0 and dict(outcome.plan.info)["predicted_ms"] == 100.0
+    assert outcome.met and abs(outcome.error) <= 0.03
+    assert outcome.kept.ratio == pytest.approx(0.6)
+    assert len(outcome.rounds) == 2 and "met" in outcome.why
+
+
+def test_table_too_optimistic_loop_brackets_and_interpolates():
+    # merged models slow down twice as fast as predicted: one correction overshoots, the next brackets
+    outcome, calls = run(Target(ratio=0.6), lambda p: 2.0 * p - 50.0)
+    assert calls == [60.0, 51.0, 55.0]  # asked; corrected by the ratio; interpolated between the two
+    assert outcome.met, outcome.why
+    assert outcome.kept.ratio == pytest.approx(0.6)
+
+
+def test_target_in_milliseconds_is_checked_against_measured_milliseconds():
+    outcome, _ = run(Target(ms=36.0), lambda p: 0.6 * p)
+    assert outcome.met and outcome.kept.measured_ms == pytest.approx(36.0)
+
+
+def test_unreachable_target_is_reported_with_the_fastest_plan():
+    outcome, calls = run(Target(ratio=0.2), lambda p: 20.0 + p)  # the fastest plan measures 30%
+    assert not outcome.met
+    assert dict(outcome.plan.info)["predicted_ms"] == 10.0  # kept: the fastest
+    assert 10.0 in calls
+    assert outcome.error == pytest.approx(0.3 / 0.2 - 1)
+    assert outcome.why.startswith("not met: the kept plan measures +50.0% from 20% of the original")
+
+
+def test_steps_coarser_than_the_tolerance_keep_the_best_fast_enough_plan():
+    # true ratios jump 0.45 -> 0.55 around an asked 0.5: no plan is within 3%
+    outcome, calls = run(Target(ratio=0.5), lambda p: 0.45 * 100 if p < 60 else 0.55 * 100 + (p - 60))
+    assert not outcome.met
+    assert outcome.kept.ratio == pytest.approx(0.45)  # faster than asked, never slower
+    assert len(calls) == len(set(calls)), "a plan is measured once"
+    assert "not met" in outcome.why
+
+
+def test_rounds_are_bounded():
+    outcome, calls = run(Target(ratio=0.5), lambda p: 0.45 * 100 if p < 60 else 0.55 * 100 + (p - 60), max_rounds=2)
+    assert len(outcome.rounds) <= 2 and len(calls) <= 2
