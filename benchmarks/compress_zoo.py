@@ -1,234 +1,191 @@
-"""Speed-ups of fxmerge.compress on torchvision models at several latency targets (issue #7).
+"""Is the latency target met as measured? fxmerge.compress on torchvision models, checked independently.
 
-For each model (random weights, 1×3×SIZE×SIZE) and each target (a fraction of the
-original's measured latency), on the onnxruntime CPU backend:
+For each configuration (model, input size, thread count) and each target (a share of the
+original's latency), on the onnxruntime CPU backend with the closed loop on (the default):
 
-1. ``fxmerge.compress(model, x, target, backend=..., importance="distortion")`` — the
-   data-free estimator (no ``data=``: seeded random calibration inputs), which is what
-   ``importance="auto"`` picks without data;
-2. ``result.merge()``; its output is checked against the linearized model;
-3. the merged model and the original, **both with BatchNorm folded**, are timed side by
-   side (alternating rounds, fxmerge.demo.side_by_side), so only depth differs.
+1. ``fxmerge.compress(model, x, target, backend=..., threads=..., importance="distortion")``
+   (data-free importance: what ``auto`` picks without data);
+2. ``result.merge()``, checked against the linearized model;
+3. an **independent** timing, sharing no code with fxmerge's timing: the merged model and
+   the original, both with BatchNorm folded, exported to ONNX, loaded into fresh ONNX
+   Runtime sessions (spinning off, the thread count of the configuration) and timed in
+   interleaved blocks of runs (A B B A …, ``--rounds`` pairs); the measured ratio is the
+   median over rounds of median(merged block) / median(original block).
 
-Every target of one model shares one cache root (``--cache-dir``): the latency table is
-measured once, for the first target; later targets only re-measure the original end to
-end (calibration) and read the rest from the cache. The script checks this by counting
-the cached measurements before and after each ``compress`` call.
+The table reports asked, predicted (the first solve), measured by the loop, measured
+independently, the miss ``|measured / asked − 1|`` (goal: ≤ 3%), the solves used and the
+compress wall time with the loop's share of it (goal: ≤ 25%).
 
-Writes benchmarks/results/compress_zoo.json and prints a markdown summary with the
-LayerMerge paper's speed-ups beside ours (theirs: PyTorch on a GPU, ImageNet-trained
-and fine-tuned; ours: ONNX Runtime on the CPU, random weights, before fine-tuning —
-latency does not depend on the weights).
-
-    python benchmarks/compress_zoo.py                        # full run (shared cache)
-    python benchmarks/compress_zoo.py --fresh                # tables built from scratch
-    python benchmarks/compress_zoo.py --quick                # smoke test, ~1–2 minutes
+    python benchmarks/compress_zoo.py                 # the whole matrix (about an hour)
+    python benchmarks/compress_zoo.py --configs resnet18@64 --threads-list 1
+    python benchmarks/compress_zoo.py --quick         # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import common
-from tqdm.auto import tqdm
+import numpy as np
+import torch
 
 import fxmerge
-from fxmerge.demo import side_by_side
-from fxmerge.solver import InfeasibleBudget
+from fxmerge.api import TargetUnreachable
+from fxmerge.export import export_onnx
+from fxmerge.latency.timing import physical_cores
 
-MODELS = ["resnet34", "mobilenet_v2"]
-QUICK_MODELS = ["resnet18"]  # fewest entries: the importance table dominates a smoke run
+CONFIGS = ["resnet18@224", "resnet34@224", "mobilenet_v2@224", "regnet_x_400mf@224", "resnet18@64"]
+QUICK_CONFIGS = ["resnet18@64"]
 TARGETS = ["70%", "60%", "50%"]
-QUICK_TARGETS = ["80%", "60%"]  # at 64×64 the fixed offset makes 50% infeasible
-ROUNDS = 5
-BACKEND = "onnxruntime"
-IMPORTANCE = "distortion"  # data-free; importance="auto" without data= resolves to it
-
-# LayerMerge (Kim et al., ICML 2024), speed-ups reported on PyTorch GPU, as given in issue #7.
-PAPER = {
-    ("resnet34", "70%"): "1.36× (at 71%)",
-    ("resnet34", "60%"): "1.56×",
-    ("resnet34", "50%"): "1.79×",
-}
-PAPER_RANGE = {"mobilenet_v2": "1.63×–2.49× (range over the paper's targets)"}
+QUICK_TARGETS = ["70%"]
+TOLERANCE = 0.03
 
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_arguments(parser, rounds=ROUNDS)
-    parser.add_argument("--targets", nargs="+", default=None,
-                        help=f"latency targets, e.g. 70%% 60%% 50%% (default {_escaped(TARGETS)}; "
-                             f"{_escaped(QUICK_TARGETS)} with --quick)")
+    common.add_common_arguments(parser, rounds=7)
+    parser.add_argument("--configs", nargs="+", default=None, help="MODEL@SIZE, e.g. resnet18@64")
+    parser.add_argument("--targets", nargs="+", default=None, help="e.g. 70%% 60%% 50%%")
+    parser.add_argument("--threads-list", nargs="+", type=int, default=None,
+                        help="thread counts (default: 1 and the physical cores)")
     args = parser.parse_args(argv)
-    args = common.finish_common_arguments(args, "compress_zoo", models=MODELS, quick_models=QUICK_MODELS,
-                                          rounds=ROUNDS)
+    args = common.finish_common_arguments(args, "compress_zoo", models=["-"], quick_models=["-"], rounds=7)
+    args.configs = common.split_list(args.configs) or (QUICK_CONFIGS if args.quick else CONFIGS)
     args.targets = common.split_list(args.targets) or (QUICK_TARGETS if args.quick else TARGETS)
+    args.threads_list = args.threads_list or ([1] if args.quick else sorted({1, physical_cores()}))
     return args
 
 
-def _escaped(targets: list[str]) -> str:
-    """Targets for an argparse help string (where ``%`` must be doubled)."""
-    return " ".join(targets).replace("%", "%%")
+# --------------------------------------------------------------------------- the independent check
+def _session(model, x, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(export_onnx(model.eval(), (x,), ["x"]), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)
 
 
-def paper(model: str, target: str) -> str:
-    return PAPER.get((model, target)) or PAPER_RANGE.get(model, "–")
+def _block(run, count: int) -> float:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
 
 
-def run_target(model, x, original_folded, name: str, target: str, backend, args) -> dict:
-    latency_dir = args.cache_dir / "latency"
-    cached_before = common.count_files(latency_dir)
-    row: dict = {"model": name, "target": target, "paper_speedup": paper(name, target)}
-    with common.Stopwatch() as t_compress:
-        try:
-            result = fxmerge.compress(
-                model, x, target, backend=backend, importance=IMPORTANCE, cache_dir=args.cache_dir,
-                progress=args.progress,
-            )
-        except InfeasibleBudget as error:
-            result = None
-            row.update(status="infeasible", error=str(error), min_latency_ms=error.min_latency_ms)
-    row["compress_s"] = t_compress.seconds
-    row["new_latency_measurements"] = common.count_files(latency_dir) - cached_before
-    if result is None:
+def independent_ratio(original, merged, x, threads: int, rounds: int) -> dict:
+    """Merged / original latency from fresh ONNX Runtime sessions timed in interleaved blocks."""
+    first, second = _session(original, x, threads), _session(merged, x, threads)
+    for run in (first, second):
+        for _ in range(5):
+            run()
+    probe = _block(first, 3)
+    count = int(min(40, max(5, 300.0 / max(probe, 1e-3))))  # about 0.3 s per block
+    ratios, originals, merges = [], [], []
+    for k in range(rounds):
+        order = (first, second) if k % 2 == 0 else (second, first)
+        timed = {id(run): _block(run, count) for run in order}
+        originals.append(timed[id(first)])
+        merges.append(timed[id(second)])
+        ratios.append(merges[-1] / originals[-1])
+    spread = float(np.percentile(ratios, 75) - np.percentile(ratios, 25)) / statistics.median(ratios)
+    return {"ratio": statistics.median(ratios), "original_ms": statistics.median(originals),
+            "merged_ms": statistics.median(merges), "ratio_iqr_rel": spread, "runs_per_block": count}
+
+
+# --------------------------------------------------------------------------- one row
+def run_target(model, x, original, config: str, threads: int, target: str, args) -> dict:
+    name = config.split("@")[0]
+    row: dict = {"config": config, "model": name, "threads": threads, "target": target}
+    cache = args.cache_dir / f"{config}-t{threads}"
+    started = time.perf_counter()
+    try:
+        result = fxmerge.compress(model, x, target, backend="onnxruntime", threads=threads, importance="distortion",
+                                  cache_dir=cache, progress=args.progress, tolerance=TOLERANCE)
+    except TargetUnreachable as error:
+        row.update(status="unreachable", error=str(error), smallest=error.smallest)
         return row
+    row["compress_s"] = time.perf_counter() - started
     report = result.report
-    with common.Stopwatch() as t_merge:
-        merged = result.merge()
+    merged = result.merge()
     row["merge_rel_diff"] = common.relative_difference(result.model.eval(), merged, x)
-    with common.Stopwatch() as t_measure:
-        original_ms, merged_ms = side_by_side(original_folded, merged, x, backend, rounds=args.rounds)
-    fraction = float(target.rstrip("%")) / 100 if target.endswith("%") else None
+    check = independent_ratio(original, merged, x, threads, args.rounds)
+    asked = float(target.rstrip("%")) / 100
+    stages = dict(report.stage_seconds)
     row.update(
-        status="ok",
-        original_ms=report.original_ms,  # measured by compress (calibration), original model
-        target_ms=report.target_ms,
-        predicted_ms=report.predicted_ms,
-        offset_ms=report.offset_ms,
-        original_folded_measured_ms=original_ms,
-        merged_measured_ms=merged_ms,
-        measured_speedup=original_ms / merged_ms,
-        predicted_speedup=report.original_ms / report.predicted_ms,
-        measured_ratio=merged_ms / original_ms,
-        target_fraction=fraction,
-        meets_target=None if fraction is None else merged_ms / original_ms <= fraction,
-        prediction_err_pct=(report.predicted_ms - merged_ms) / merged_ms * 100.0,
-        convs_before=report.convs_before,
-        convs_after=report.convs_after,
-        activations_removed=report.activations_removed,
-        merged_spans=sum(1 for c in report.chosen if c.units > 1),
-        stage_seconds=dict(report.stage_seconds),
-        merge_s=t_merge.seconds,
-        measure_s=t_measure.seconds,
-        plan=list(result.plan.entries),
-        chosen=[c.__dict__ for c in report.chosen if c.units > 1 or c.option != "keep"],
+        status="ok", asked=asked, first_predicted_ratio=report.rounds[0].predicted_ms / report.original_ms,
+        loop_ratio=report.measured_ratio, independent=check, miss=check["ratio"] / asked - 1.0,
+        met=abs(check["ratio"] / asked - 1.0) <= TOLERANCE, loop_met=report.target_met, rounds=len(report.rounds),
+        loop_rounds=[r.__dict__ for r in report.rounds], stage_seconds=stages,
+        loop_share=stages.get("solve and measure", 0.0) / row["compress_s"],
+        convs=f"{report.convs_before}→{report.convs_after}", plan=list(result.plan.entries),
     )
     return row
 
 
 def line(r: dict) -> str:
     if r["status"] != "ok":
-        return f"{r['model']:>13} {r['target']:>4}: {r['status']}: {r.get('error', '')}"
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in r["stage_seconds"].items())
-    return (
-        f"{r['model']:>13} {r['target']:>4}: target {r['target_ms']:.2f} ms, predicted {r['predicted_ms']:.2f} ms, "
-        f"merged {r['merged_measured_ms']:.2f} ms vs original {r['original_folded_measured_ms']:.2f} ms "
-        f"→ {r['measured_speedup']:.2f}× (predicted {r['predicted_speedup']:.2f}×, error "
-        f"{r['prediction_err_pct']:+.1f}%); convs {r['convs_before']}→{r['convs_after']}; "
-        f"{r['new_latency_measurements']} new latency measurements; {stages}"
-    )
+        return f"{r['config']:>20} t{r['threads']} {r['target']:>4}: {r['status']}: {r.get('error', '')}"
+    return (f"{r['config']:>20} t{r['threads']} {r['target']:>4}: first predicted {r['first_predicted_ratio']:.1%}, "
+            f"loop {r['loop_ratio']:.1%}, independent {r['independent']['ratio']:.1%} (miss {r['miss']:+.1%}), "
+            f"{r['rounds']} solve(s), compress {r['compress_s']:.0f} s (loop {r['loop_share']:.0%})")
 
 
-def check_cache_reuse(rows: list[dict]) -> dict:
-    """For every model, did only the first target pay for the latency table?"""
-    verdicts = {}
-    for name in dict.fromkeys(r["model"] for r in rows):
-        counts = [r["new_latency_measurements"] for r in rows if r["model"] == name]
-        later = counts[1:]
-        verdicts[name] = {
-            "new_measurements_per_target": counts,
-            "reused": bool(later) and all(c == 0 for c in later),
-        }
-    return verdicts
-
-
-def markdown(rows: list[dict], args, env: dict, reuse: dict) -> str:
-    header = ["model", "target", "target (ms)", "predicted (ms)", "merged, measured (ms)", "speed-up (measured)",
-              "prediction error", "convs", "LayerMerge paper (GPU)"]
+def markdown(rows: list[dict], env: dict, args) -> str:
+    header = ["model @ size", "threads", "asked", "predicted (1st solve)", "loop measured", "independent measured",
+              "miss", "solves", "compress wall (loop share)", "convs"]
     table = []
     for r in rows:
         if r["status"] != "ok":
-            table.append([r["model"], r["target"], "infeasible", common.fmt(r.get("min_latency_ms"), ".2f", " min"),
-                          "–", "–", "–", "–", r["paper_speedup"]])
+            table.append([r["config"], r["threads"], r["target"], "–", "–", "unreachable", "–", "–", "–", "–"])
             continue
         table.append([
-            r["model"], r["target"], f"{r['target_ms']:.2f}", f"{r['predicted_ms']:.2f}",
-            f"{r['merged_measured_ms']:.2f} (original {r['original_folded_measured_ms']:.2f})",
-            f"**{r['measured_speedup']:.2f}×**", f"{r['prediction_err_pct']:+.1f}%",
-            f"{r['convs_before']}→{r['convs_after']}", r["paper_speedup"],
+            r["config"], r["threads"], r["target"], f"{r['first_predicted_ratio']:.1%}", f"{r['loop_ratio']:.1%}",
+            f"**{r['independent']['ratio']:.1%}**", f"{r['miss']:+.1%}", r["rounds"],
+            f"{r['compress_s']:.0f} s ({r['loop_share']:.0%})", r["convs"],
         ])
-    stage_names = list(dict.fromkeys(k for r in rows if r["status"] == "ok" for k in r["stage_seconds"]))
-    stages = [[r["model"], r["target"], *(f"{r['stage_seconds'].get(k, 0.0):.1f}" for k in stage_names),
-               f"{r['merge_s']:.1f}", f"{r['measure_s']:.0f}", str(r["new_latency_measurements"])]
-              for r in rows if r["status"] == "ok"]
-    text = [
-        "## compress on the model zoo (issue #7)",
-        "",
-        f"`{env['command']}` — onnxruntime CPU, 1×3×{args.size}×{args.size}, random weights, "
-        f"{args.threads} thread(s), importance `{IMPORTANCE}` (data-free), no fine-tuning; merged vs original "
-        f"with BatchNorm folded in both, {args.rounds} alternating rounds; {env['cpu']}, {env['date'][:10]}, "
-        f"torch {env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime']}.",
+    ok = [r for r in rows if r["status"] == "ok"]
+    met = sum(r["met"] for r in ok)
+    return "\n".join([
+        f"`{env['command']}` — onnxruntime CPU, batch 1, random weights, importance `distortion`, closed loop "
+        f"(tolerance ±{TOLERANCE:.0%}); independent check: fresh ONNX Runtime sessions of the exported models, "
+        f"spinning off, {args.rounds} interleaved block pairs; {env['cpu']}, {env['date'][:10]}, torch "
+        f"{env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime']}, load average at start "
+        f"{env['load_average_at_start']}.",
         "",
         common.markdown_table(header, table),
         "",
-        "Prediction error: compress's predicted latency vs the merged model measured. The paper's speed-ups "
-        "are PyTorch on a GPU with trained, fine-tuned networks; ours are ONNX Runtime on this CPU.",
-        "",
-        "Wall time per stage (s; `result.report.stage_seconds`, then merge and the side-by-side timing):",
-        "",
-        common.markdown_table(["model", "target", *stage_names, "merge", "timing", "new latency measurements"],
-                              stages),
-        "",
-        "Latency table shared between targets: " + "; ".join(
-            f"{name}: {'yes' if v['reused'] else 'NO'} (new measurements per target {v['new_measurements_per_target']})"
-            for name, v in reuse.items()
-        ) + ".",
-    ]
-    return "\n".join(text) + "\n"
+        f"{met} of {len(ok)} rows within ±{TOLERANCE:.0%} of the asked ratio as measured independently.",
+    ]) + "\n"
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     env = common.environment(args)
     started = time.perf_counter()
-    backend = common.make_backend(BACKEND, args)
-    print(f"compress zoo: {', '.join(args.models)} at 1×3×{args.size}×{args.size}, targets {' '.join(args.targets)}, "
-          f"{backend.name} {backend.version}, {backend.threads} thread(s), {args.rounds} rounds, "
-          f"cache {args.cache_dir} ({args.cache_kind})")
     rows: list[dict] = []
-    data = {"benchmark": "compress_zoo", "environment": env, "backend": backend.name,
-            "backend_version": backend.version, "importance": IMPORTANCE, "results": rows}
-    with tqdm(total=len(args.models) * len(args.targets), unit="target", disable=not args.progress) as bar:
-        for name in args.models:
-            model = common.load_model(name)
-            x = common.example_input(args.size)
-            original_folded = common.folded(model)
+    data = {"benchmark": "compress_zoo", "environment": env, "results": rows}
+    for config in args.configs:
+        name, size = config.split("@")
+        model, x = common.load_model(name), common.example_input(int(size))
+        original = common.folded(model)
+        for threads in args.threads_list:
+            torch.set_num_threads(threads)
             for target in args.targets:
-                bar.set_description(f"{name} {target}")
-                rows.append(run_target(model, x, original_folded, name, target, backend, args))
-                tqdm.write(line(rows[-1]))
-                bar.update()
+                rows.append(run_target(model, x, original, config, threads, target, args))
+                print(line(rows[-1]), flush=True)
                 common.write_json(args.out, data)  # partial results survive an interruption
-    reuse = check_cache_reuse(rows)
-    data["latency_cache_reuse"] = reuse
     data["wall_s"] = time.perf_counter() - started
     common.write_json(args.out, data)
-    for name, verdict in reuse.items():
-        counts = verdict["new_measurements_per_target"]
-        state = "reused by later targets" if verdict["reused"] else "NOT reused (later targets measured convs)"
-        print(f"latency table, {name}: {state}; new measurements per target: {counts}")
-    common.print_footer(args, env, markdown(rows, args, env, reuse), data["wall_s"])
+    common.print_footer(args, env, markdown(rows, env, args), data["wall_s"])
     return 0
 
 

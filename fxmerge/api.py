@@ -91,16 +91,19 @@ def linearize(
     span_graph: SpanGraph | None = None,
     exclude=None,
     max_kernel: int | None = None,
+    postnorm: bool | None = None,
 ) -> torch.fx.GraphModule:
     """The trainable network computing ``plan`` applied to ``model`` (``model`` is left as it is).
 
     Pass the ``span_graph`` the plan was made for, or the analysis settings it was
     made with; the plan is validated against it. The result is in ``model``'s mode.
+    ``postnorm``: a fresh GroupNorm after each span that removed a normalised
+    activation (``None``: on under ``rules="paper"``, off under ``"general"``).
     """
     captured = capture(model, example_input)
     if span_graph is None:
         span_graph = analyze_captured(captured, rules=plan.rules, exclude=exclude, max_kernel=max_kernel)
-    result = linearize_pass.linearize(captured, span_graph, plan)
+    result = linearize_pass.linearize(captured, span_graph, plan, postnorm=postnorm)
     return result.train(getattr(model, "training", False))
 
 
@@ -238,7 +241,7 @@ def compress(
     watch.lap("solve and measure" if loop.enabled else "solve")
     linearized = linearize_pass.linearize(captured, span_graph, choice.plan).train(model.training)
     watch.lap("linearize")
-    report = _report(span_graph, choice, table, scores, method, target, watch.stages, notes, timer)
+    report = _report(span_graph, choice, scores, method, target, watch.stages, notes, timer)
     return CompressResult(model=linearized, plan=choice.plan, report=report, span_graph=span_graph)
 
 
@@ -259,41 +262,94 @@ def _latency_table(captured: Captured, span_graph: SpanGraph, timer, cache_dir, 
 class _Choice:
     plan: Plan
     outcome: LoopOutcome | None
+    table: object  # the latency table the plan was chosen with (context-corrected by the loop)
 
 
 def _choose_plan(captured, span_graph, table, scores, target: Target, timer, folded, loop: LoopSettings,
                  method: str, bins: int) -> _Choice:
-    """Solve for the target; with the loop on, measure and correct until the target is met as measured."""
+    """Solve for the target; with the loop on, measure, correct the table and the budget, solve again.
+
+    The first measured plan also corrects the table itself (:func:`_context_corrected`):
+    with two models measured end to end (the original and that plan), the cost each
+    conv adds inside a model beyond its entry is known, and every later solve uses it.
+    """
     from fxmerge.latency.compare import Comparator
-    from fxmerge.solver import min_latency, solve
 
     first = target.ratio * table.original_ms if target.ratio is not None else target.ms
-    if not loop.enabled:
-        return _Choice(solve(span_graph, table, scores, first, method=method, bins=bins), None)
-    fastest = min_latency(span_graph, table, method)
-    comparator = Comparator(folded, captured.example_inputs, timer)
+    if not loop.enabled:  # the table is trusted: a target below its fastest plan is infeasible
+        from fxmerge.solver import solve
 
-    def solve_at(budget: float) -> Plan:
-        try:
-            return solve(span_graph, table, scores, budget, method=method, bins=bins)
-        except InfeasibleBudget as exc:  # at the floor, rounding to bins can exclude the fastest plan
-            if exc.suggested_ms is None:
-                raise
-            return solve(span_graph, table, scores, exc.suggested_ms, method=method, bins=bins)
+        return _Choice(solve(span_graph, table, scores, first, method=method, bins=bins), None, table)
+    comparator = Comparator(folded, captured.example_inputs, timer)
 
     def measure(plan: Plan) -> Measured:
         merged = merge(linearize_pass.linearize(captured, span_graph, plan, share_parameters=True))
         result = comparator.compare(merged)
         return Measured(result.reference_ms, result.candidate_ms, result.ratio, result.rel_error)
 
-    upper = max(float(table.original_ms), first) * 1.5
+    opening = _solve_at(span_graph, table, scores, first, method, bins)
+    measured = measure(opening)
+    if abs(target.error(measured)) > loop.tolerance:
+        table = _context_corrected(table, span_graph, opening, measured)
     outcome = meet_target(
-        solve_at, measure, target, first_budget_ms=first, budget_range=(fastest, upper),
-        tolerance=loop.tolerance, max_rounds=loop.max_rounds,
+        lambda budget: _solve_at(span_graph, table, scores, budget, method, bins), measure, target,
+        first_budget_ms=first, budget_range=_budget_range(span_graph, table, method, first),
+        tolerance=loop.tolerance, max_rounds=loop.max_rounds, seed=[(_repriced(opening, table), measured)],
     )
+    fastest = _budget_range(span_graph, table, method, first)[0]
     if outcome.error > loop.tolerance and any(r.budget_ms <= fastest * (1 + 1e-9) for r in outcome.rounds):
         raise _unreachable(outcome, target, timer)
-    return _Choice(outcome.plan, outcome)
+    return _Choice(outcome.plan, outcome, table)
+
+
+def _solve_at(span_graph, table, scores, budget: float, method: str, bins: int) -> Plan:
+    from fxmerge.solver import solve
+
+    try:
+        return solve(span_graph, table, scores, budget, method=method, bins=bins)
+    except InfeasibleBudget as exc:  # at the floor, rounding to bins can exclude the fastest plan
+        if exc.suggested_ms is None or exc.suggested_ms <= budget:
+            raise
+        return solve(span_graph, table, scores, exc.suggested_ms, method=method, bins=bins)
+
+
+def _budget_range(span_graph, table, method: str, first: float) -> tuple[float, float]:
+    from fxmerge.solver import min_latency
+
+    return min_latency(span_graph, table, method), max(float(table.original_ms), first) * 1.5
+
+
+def _repriced(plan: Plan, table) -> Plan:
+    """``plan`` with its predicted latency under ``table``."""
+    from fxmerge.solver import plan_latency
+
+    info = {**dict(plan.info), "predicted_ms": plan_latency(plan, table)}
+    return replace(plan, info=tuple(sorted(info.items())))
+
+
+def _context_corrected(table, span_graph: SpanGraph, plan: Plan, measured: Measured):
+    """The table with the per-conv cost inside a model fitted from two end-to-end measurements.
+
+    Keep-all (``n₀`` convs, entries summing to ``Σ₀``) measures ``t₀``; ``plan`` (``n₁``,
+    ``Σ₁``) measures ``t₁`` in the same interleaved rounds. With a cost ``β`` per conv
+    beyond its entry, ``t₀ − t₁ = (Σ₀ − Σ₁) + (n₀ − n₁)·β``, so
+    ``β = ((t₀ − t₁) − (Σ₀ − Σ₁)) / (n₀ − n₁)``. The offset is re-fitted so keep-all still
+    predicts the original.
+    """
+    from fxmerge.latency.table import with_context_cost
+
+    keep_all = Plan.keep_all(span_graph).entries
+    removed = len(keep_all) - len(plan.entries)
+    if removed == 0:
+        return table
+    original_ms = float(table.original_ms)
+    saved_measured = (1.0 - measured.ratio) * original_ms
+    saved_entries = sum(table.entries[e] for e in keep_all) - sum(table.entries[e] for e in plan.entries)
+    beta = (saved_measured - saved_entries) / removed
+    evidence = {"plan_convs": len(plan.entries), "keep_all_convs": len(keep_all),
+                "measured_ratio": measured.ratio, "entries_saved_ms": saved_entries,
+                "measured_saved_ms": saved_measured}
+    return with_context_cost(table, beta, keep_all, evidence)
 
 
 def _unreachable(outcome: LoopOutcome, target: Target, timer) -> TargetUnreachable:
@@ -343,8 +399,8 @@ def _subdir(cache_dir, kind: str):
     return None if cache_dir is None else Path(cache_dir) / kind
 
 
-def _report(span_graph, choice: _Choice, table, scores, method, target: Target, stages, notes, timer) -> Report:
-    plan = choice.plan
+def _report(span_graph, choice: _Choice, scores, method, target: Target, stages, notes, timer) -> Report:
+    plan, table = choice.plan, choice.table
     chosen = tuple(
         ChosenSpan(
             span=e.span, option=e.option.id, units=len(span_graph.span(e.span).units),
@@ -358,6 +414,10 @@ def _report(span_graph, choice: _Choice, table, scores, method, target: Target, 
     kept = None if outcome is None else outcome.kept
     if outcome is not None:
         notes = [*notes, f"closed loop: {outcome.why}"]
+    context = table.info.get("context_cost")
+    if context:
+        notes.append(f"latency table corrected from two end-to-end measurements: each conv costs "
+                     f"{context['per_entry_ms']:+.4f} ms inside the model beyond its entry timed alone")
     target_ms = target.ms if target.ms is not None else target.ratio * table.original_ms
     return Report(
         model=span_graph.model, backend=table.backend, method=method, original_ms=float(table.original_ms),

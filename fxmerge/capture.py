@@ -47,6 +47,10 @@ class CaptureError(RuntimeError):
     """The model cannot be captured at all."""
 
 
+class MissingArguments(CaptureError):
+    """The example input gives fewer arguments than ``forward`` needs."""
+
+
 @dataclass(frozen=True)
 class Captured:
     """A normalised GraphModule and what capture learned on the way.
@@ -102,7 +106,7 @@ def _defaults_beyond(model: nn.Module, given: int) -> dict:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     missing = [p.name for p in positional[given:] if p.default is p.empty]
     if missing:
-        raise CaptureError(
+        raise MissingArguments(
             f"{type(model).__name__}.forward needs argument(s) {missing} that the example input does not "
             f"give ({given} positional input(s)); pass a tuple with one tensor per argument"
         )
@@ -147,24 +151,17 @@ def trace(model: nn.Module, given: int = 1, max_leaves: int = 200) -> tuple[torc
         return gm, tuple(Rejection(node=name, reason=reason) for name, reason in leaves.items())
 
 
-def _export(model: nn.Module, inputs: tuple, traced_error: CaptureError) -> tuple[torch.fx.GraphModule, str]:
-    """``torch.export`` (non-strict, then strict) when the top-level trace failed."""
-    errors = [str(traced_error)]
+def _exported(model: nn.Module, inputs: tuple) -> tuple[torch.fx.GraphModule | None, str, list[str]]:
+    """``torch.export`` (non-strict, then strict): ``(module or None, which, errors)``."""
+    errors = []
     for strict in (False, True):
         try:
             program = torch.export.export(model, inputs, strict=strict)
         except Exception as exc:  # noqa: BLE001 - each exporter failure is reported together
             errors.append(f"torch.export (strict={strict}): {type(exc).__name__}: {str(exc).strip()[:300]}")
             continue
-        note = (
-            f"symbolic_trace of the top-level forward failed ({str(traced_error).split(': ', 1)[-1][:200]}); "
-            f"captured through torch.export (strict={strict})"
-        )
-        return drop_guards(program.module()), note
-    raise CaptureError(
-        f"cannot capture {type(model).__name__}: " + "; ".join(errors) + ". Make forward traceable (no Python "
-        "control flow on input values), or pass a torch.export-ed program."
-    ) from traced_error
+        return drop_guards(program.module()), f"torch.export (strict={strict})", errors
+    return None, "", errors
 
 
 # ------------------------------------------------------------------ normalisation
@@ -180,6 +177,14 @@ def _weight_like_placeholders(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
             if isinstance(value, torch.fx.Node) and value.op == "placeholder":
                 (params if key in slots else data).add(value)
     return params - data
+
+
+def _is_module_tensor(node: torch.fx.Node, value) -> bool:
+    """Whether a placeholder carries one of the model's own tensors: a parameter, or a tensor
+    Dynamo named as a module's parameter or buffer (``l_self_modules_bn_buffers_running_mean_``)."""
+    if isinstance(value, nn.Parameter):
+        return True
+    return isinstance(value, torch.Tensor) and re.search(r"_(parameters|buffers)_", node.name) is not None
 
 
 def _source_path(node: torch.fx.Node) -> str | None:
@@ -245,7 +250,7 @@ def lift_parameters(gm: torch.fx.GraphModule, example_inputs: Sequence) -> tuple
     keep: list[int] = []
     for index, node in enumerate(placeholders):
         value = example_inputs[index]
-        if node not in params or not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or not (node in params or _is_module_tensor(node, value)):
             keep.append(index)
             continue
         target = _set_attr(gm, _attr_name(node, taken), value)
@@ -333,18 +338,37 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence) -> None:
 
 # ------------------------------------------------------------------ entry points
 def _graph_module(working: nn.Module, inputs: tuple) -> tuple[torch.fx.GraphModule, str, tuple, tuple]:
-    """``(gm, form, leaves, notes)`` for an eval-mode copy of the user's model."""
+    """``(gm, form, leaves, notes)`` for an eval-mode copy of the user's model.
+
+    ``symbolic_trace`` first. When it fails at the top level, or traces only by keeping
+    submodules whole (Python control flow on shapes, ``len`` of a proxy), ``torch.export``
+    captures the whole model instead if it can; leaves remain the last resort.
+    """
     if isinstance(working, torch.fx.GraphModule):
         gm = drop_guards(working)
         return gm, graph_form(gm), (), ()
     try:
         gm, leaves = trace(working, given=len(inputs))
-        return gm, "symbolic_trace", leaves, ()
+    except MissingArguments:
+        raise
     except CaptureError as exc:
-        if "needs argument" in str(exc):
-            raise
-        gm, note = _export(working, inputs, exc)
-        return gm, "export", (), (note,)
+        exported, how, errors = _exported(working, inputs)
+        if exported is None:
+            raise CaptureError(
+                f"cannot capture {type(working).__name__}: {exc}; " + "; ".join(errors) + ". Make forward "
+                "traceable (no Python control flow on input values), or pass a torch.export-ed program."
+            ) from exc
+        first = str(exc).split(": ", 1)[-1][:200]
+        return exported, "export", (), (f"symbolic_trace of the top-level forward failed ({first}); captured through {how}",)
+    if not leaves:
+        return gm, "symbolic_trace", (), ()
+    exported, how, _ = _exported(working, inputs)
+    if exported is None:
+        return gm, "symbolic_trace", leaves, ()
+    kept = ", ".join(leaf.node for leaf in leaves[:3]) + (", ..." if len(leaves) > 3 else "")
+    return exported, "export", (), (
+        f"symbolic_trace could only keep {len(leaves)} submodule(s) whole ({kept}); captured through {how} instead",
+    )
 
 
 def capture(model: nn.Module, example_input) -> Captured:

@@ -127,6 +127,11 @@ def forget_shape(node: torch.fx.Node) -> None:
         node.meta.pop(key, None)
 
 
+def batched_shape(like: torch.Tensor, rest: Iterable[int]) -> torch.Size:
+    """``like``'s batch size followed by ``rest``: a tensor's recorded shape, at the batch size running now."""
+    return torch.Size((like.shape[0], *rest))
+
+
 def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes ``node`` reads, except ``get_attr`` constants, in argument order."""
     return [n for n in node.all_input_nodes if n.op != "get_attr"]

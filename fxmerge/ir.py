@@ -94,6 +94,16 @@ class Unit:
     module path, and the call index when a module is called at several sites).
     ``reducible``: maps C→C channels with stride 1, so it may be pruned to identity.
     ``ineligible`` says why the unit cannot be merged with others (or ``None``).
+
+    The activation may be a *normalised activation* (``norm`` names the norm: a
+    GroupNorm, LayerNorm or InstanceNorm followed by the activation; removing the
+    position removes both). ``activation_nodes`` lists every node of the activation
+    in graph order (the norm and its helpers, a SiLU's ``sigmoid``); the last one is
+    ``activation_node``. ``side_biases`` are the per-sample bias adds of the tail (an
+    ``(N, C, 1, 1)`` tensor added onto the conv's output, e.g. a diffusion time
+    embedding), ``side_inputs`` the positions their other operands are computed from.
+    ``droppable``: the conv may be dropped entirely (the identity option of its
+    single-unit span): a reducible conv right after a nearest-neighbour upsample.
     """
 
     id: str
@@ -106,11 +116,19 @@ class Unit:
     output_position: str
     reducible: bool
     ineligible: str | None = None
+    activation_nodes: tuple[str, ...] = ()
+    norm: str | None = None
+    side_biases: tuple[str, ...] = ()
+    side_inputs: tuple[str, ...] = ()
+    droppable: bool = False
 
 
 @dataclass(frozen=True)
 class Join:
-    """An ``add`` (residual) or ``cat`` (parallel branches) with what follows it."""
+    """An ``add`` (residual) or ``cat`` (parallel branches) with what follows it.
+
+    ``activation_nodes``, ``norm``, ``side_biases`` and ``side_inputs`` as in :class:`Unit`.
+    """
 
     id: str
     kind: Literal["add", "cat"]
@@ -121,6 +139,10 @@ class Join:
     operands: tuple[str, ...]  # position ids, in argument order
     output_position: str
     ineligible: str | None = None
+    activation_nodes: tuple[str, ...] = ()
+    norm: str | None = None
+    side_biases: tuple[str, ...] = ()
+    side_inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,7 +153,11 @@ class Position:
     activation) or ``"source"`` (a model input or a boundary op's output: spans may
     start there but nothing produces it inside a span). ``node`` is the FX node whose
     output is this tensor. ``pinned`` says why the tensor must be materialised (used
-    by an op outside every span, or a model output), or ``None``.
+    by an op outside every span, or :data:`MODEL_OUTPUT`), or ``None``.
+
+    For a source, ``inputs`` are the positions its value is computed from (through
+    ops outside every unit and join: a norm, a pool, an attention), and ``attention``
+    says whether a matrix product of tensors lies on the way (an attention's output).
     """
 
     id: str
@@ -141,15 +167,28 @@ class Position:
     activation: str | None
     shape: Shape
     pinned: str | None = None
+    inputs: tuple[str, ...] = ()
+    attention: bool = False
+
+
+MODEL_OUTPUT = "a model output"
+"""``Position.pinned`` of a tensor the model returns."""
 
 
 @dataclass(frozen=True)
 class Option:
-    """Which reducible convs of a span are pruned, and the conv the span becomes."""
+    """Which reducible convs of a span are pruned, and the conv the span becomes.
+
+    An ``identity`` option prunes every conv of its span (offered only for a
+    :attr:`Unit.droppable` unit): the span becomes the identity, latency 0. Its
+    ``conv`` is that identity written as a depthwise 1×1 conv without bias, so that
+    every reader of ``Option.conv`` keeps working; nothing is emitted for it.
+    """
 
     id: str
     pruned: tuple[str, ...]  # unit ids replaced by the identity
     conv: ConvSpec  # the merged conv, with the span's closing activation
+    identity: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,18 @@ linear op maps a LinearMap to a LinearMap exactly:
   ``r * stride`` to ``offset``;
 * ``add`` of two maps with one stride sums their kernels placed at their offsets
   (an identity skip is a Dirac kernel at the aligned tap, a projection shortcut its
-  kernel at the matching offset); ``cat`` stacks output channels.
+  kernel at the matching offset); ``cat`` stacks output channels;
+* a *side bias* — a tensor ``s`` of one value per sample and channel (``(N, C, 1, …)``,
+  computed outside the span: a diffusion time embedding) added inside the span — is
+  carried as a term ``A @ s[n]`` of the map (``LinearMap.sides``): :func:`add_side`
+  starts it with ``A = I``; a later conv maps it to ``(Σ_spatial w) @ A``, exactly as
+  it maps the bias, because ``s`` is constant over space and the conv is unpadded
+  (the span's padding is in front), so every tap reads it, borders included; an
+  affine scales its rows; ``add`` sums the terms of one tensor, ``cat`` stacks them.
 
 At the end :func:`to_conv` reads the map back as one ``nn.Conv`` applied to the
-*unpadded* input with padding ``P - offset``. Grouped and depthwise kernels are
+*unpadded* input with padding ``P - offset``; the merged span computes that conv
+plus ``A @ s`` for each side term (``merge`` emits those). Grouped and depthwise kernels are
 expanded to dense block-diagonal ones for the algebra; a boolean channel
 *connectivity* matrix travels alongside, and the result is emitted with the
 coarsest grouping that connectivity allows (depthwise again when every factor was
@@ -42,6 +50,7 @@ merged conv is exact everywhere, borders included (:func:`span_padding`).
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
 import torch
@@ -169,12 +178,17 @@ class Footprint:
 
 
 # --------------------------------------------------------------------- LinearMap
+Sides = tuple[tuple[Hashable, torch.Tensor], ...]
+
+
 @dataclass(frozen=True)
 class LinearMap:
-    """``t[o, p] = bias[o] + sum weight[o, i, d] * x[i, p * stride + offset + d]``.
+    """``t[n, o, p] = bias[o] + sum_k (A_k @ s_k[n])[o] + sum weight[o, i, d] * x[n, i, p * stride + offset + d]``.
 
     ``weight`` is dense float64 ``[C_out, C_in, *kernel]``; ``connectivity`` is a
     bool ``[C_out, C_in]`` saying which channel pairs are structurally connected.
+    ``sides`` holds one ``(key, A_k)`` per side bias ``s_k`` (``key`` names it, e.g. its
+    FX node; ``A_k`` is float64 ``[C_out, C_k]``): per-sample terms constant over space.
     """
 
     weight: torch.Tensor
@@ -182,6 +196,7 @@ class LinearMap:
     stride: Ints
     offset: Ints
     connectivity: torch.Tensor
+    sides: Sides = ()
 
     @property
     def dims(self) -> int:
@@ -286,6 +301,10 @@ def then_conv(
         combined = _TRANSPOSED[dims](value.weight.transpose(0, 1), transposed, dilation=step, groups=groups).transpose(0, 1)
     spatial_sums = w.flatten(2).sum(-1).reshape(groups, per_out, per_mid)
     new_bias = torch.bmm(spatial_sums, value.bias.reshape(groups, per_mid, 1)).reshape(c_out)
+    sides = tuple(
+        (key, torch.bmm(spatial_sums, matrix.reshape(groups, per_mid, -1)).reshape(c_out, -1))
+        for key, matrix in value.sides
+    )
     if bias is not None:
         new_bias = new_bias + bias.detach().to(torch.float64)
     reach = value.connectivity.reshape(groups, per_mid, -1).any(dim=1)  # [g, C_in(span)]
@@ -299,6 +318,7 @@ def then_conv(
         stride=geometry.stride,
         offset=geometry.offset,
         connectivity=connectivity,
+        sides=sides,
     )
 
 
@@ -324,7 +344,8 @@ def then_affine(value: LinearMap, scale: torch.Tensor | float, shift: torch.Tens
     scale = torch.as_tensor(scale, dtype=torch.float64).to(value.weight.device).reshape(-1).expand(c)
     shift = torch.as_tensor(shift, dtype=torch.float64).to(value.weight.device).reshape(-1).expand(c)
     shape = (c,) + (1,) * (value.weight.dim() - 1)
-    return replace(value, weight=value.weight * scale.reshape(shape), bias=value.bias * scale + shift)
+    sides = tuple((key, matrix * scale[:, None]) for key, matrix in value.sides)
+    return replace(value, weight=value.weight * scale.reshape(shape), bias=value.bias * scale + shift, sides=sides)
 
 
 def batchnorm_scale_shift(
@@ -375,7 +396,11 @@ def add(*values: LinearMap) -> LinearMap:
     connectivity = values[0].connectivity.clone()
     for v in values[1:]:
         connectivity |= v.connectivity
-    return LinearMap(weight, sum(v.bias for v in values), values[0].stride, offset, connectivity)
+    sides: dict[Hashable, torch.Tensor] = {}
+    for v in values:
+        for key, matrix in v.sides:
+            sides[key] = sides[key] + matrix if key in sides else matrix
+    return LinearMap(weight, sum(v.bias for v in values), values[0].stride, offset, connectivity, tuple(sides.items()))
 
 
 def cat(*values: LinearMap) -> LinearMap:
@@ -385,7 +410,21 @@ def cat(*values: LinearMap) -> LinearMap:
     offset, size = _common_frame(list(values), "cat")
     weight = torch.cat([_place(v, offset, size) for v in values], dim=0)
     connectivity = torch.cat([v.connectivity for v in values], dim=0)
-    return LinearMap(weight, torch.cat([v.bias for v in values]), values[0].stride, offset, connectivity)
+    widths = {key: matrix.shape[1] for v in values for key, matrix in v.sides}
+    sides = tuple(
+        (key, torch.cat([dict(v.sides).get(key, v.bias.new_zeros(v.out_channels, width)) for v in values]))
+        for key, width in widths.items()
+    )
+    return LinearMap(weight, torch.cat([v.bias for v in values]), values[0].stride, offset, connectivity, sides)
+
+
+def add_side(value: LinearMap, key: Hashable) -> LinearMap:
+    """``value + s`` for a side bias ``s`` of ``value.out_channels`` channels, one value per sample
+    and channel, computed outside the span (named by ``key``): a term ``I @ s``."""
+    eye = torch.eye(value.out_channels, dtype=value.bias.dtype, device=value.bias.device)
+    sides = dict(value.sides)
+    sides[key] = sides[key] + eye if key in sides else eye
+    return replace(value, sides=tuple(sides.items()))
 
 
 def coarsest_groups(connectivity: torch.Tensor) -> int:

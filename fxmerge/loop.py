@@ -24,7 +24,7 @@ Nothing here times or solves by itself: it is given ``solve_at(budget_ms) -> Pla
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fxmerge.plan import Plan
@@ -81,17 +81,20 @@ def meet_target(
     budget_range: tuple[float, float],
     tolerance: float = 0.03,
     max_rounds: int = 4,
+    seed: Sequence[tuple[Plan, Measured]] = (),
 ) -> LoopOutcome:
     """Solve and measure until the merged model meets ``target`` as measured (see the module docstring).
 
     ``budget_range`` bounds the predicted budgets tried (the fastest plan's prediction
-    and the original's).
+    and the original's). ``seed`` holds plans already solved and measured (each counts
+    as a round); the loop starts from what they say.
     """
-    history: list[tuple[float, Plan, Measured]] = []  # (budget, plan, measurement)
-    measured_plans: dict[tuple[str, ...], Measured] = {}
-    budget = _clamp(first_budget_ms, budget_range)
+    history: list[tuple[float, Plan, Measured]] = [(_predicted(plan), plan, m) for plan, m in seed]
+    measured_plans: dict[tuple[str, ...], Measured] = {plan.entries: m for plan, m in seed}
     why = ""
-    for _ in range(max_rounds):
+    met = any(abs(target.error(m)) <= tolerance for _, _, m in history)
+    budget = (_next_budget(history, target, budget_range) if history else None) or _clamp(first_budget_ms, budget_range)
+    for _ in range(max_rounds - len(history) if not met else 0):
         plan = solve_at(budget)
         repeat = plan.entries in measured_plans
         measured = measured_plans.get(plan.entries) or measure(plan)

@@ -13,7 +13,15 @@ recognisers here read a node and return a small record, or ``None``:
 * :func:`is_transparent` — the identity in eval mode (dropout, ``Identity``,
   stochastic depth, ``clone``, ``contiguous``);
 * :func:`activation_name` — a registered activation (``fxmerge.activations``);
+* :func:`is_add`, :func:`is_mul`, :func:`is_in_place` — elementwise ``+`` / ``*`` in any
+  spelling, and whether an op writes into its input;
+* :func:`is_nearest_upsample` — nearest-neighbour upsampling (module, ``F.interpolate``,
+  ``aten.upsample_nearest*``);
+* :func:`is_matrix_product` — ``bmm`` / ``matmul`` / ``einsum`` / scaled dot-product attention;
 * :func:`parameter_slots` — which arguments of a functional op hold parameters.
+
+Patterns spanning several nodes (SiLU written ``x * sigmoid(x)``, normalised
+activations, per-sample side biases) are in ``fxmerge.patterns``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxmerge import activations
-from fxmerge.fxutil import arg, fetch, ints, submodule
+from fxmerge.fxutil import arg, fetch, ints, shape_of, submodule
 from fxmerge.kernels import ConvParams, batchnorm_scale_shift
 
 aten = torch.ops.aten
@@ -40,6 +48,8 @@ for _packet, _dims in ((aten.conv1d, 1), (aten.conv2d, 2)):
 _NATIVE_BN = aten._native_batch_norm_legit_no_training.default
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+_MUL_FUNCTIONS = {operator.mul, torch.mul, aten.mul.Tensor}
+_MUL_METHODS = {"mul", "__mul__", "__rmul__"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
 _EVAL_DROPOUT = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, F.alpha_dropout: 2}
 _ATEN_DROPOUT = {
@@ -197,9 +207,9 @@ def affine_site(node: torch.fx.Node, gm: torch.fx.GraphModule) -> AffineSite | N
             if bn.op == "call_function" and bn.target is _NATIVE_BN:
                 scale, shift = _bn(gm, bn.args[3], bn.args[4], bn.args[1], bn.args[2], bn.args[6])
                 return AffineSite(node, bn.args[0], scale, shift, helpers=(bn,))
-        return _scalar_affine(node)
+        return _constant_affine(node, gm)
     if node.op == "call_method" and node.target in ("mul", "div", "add", "sub", "mul_", "div_", "add_", "sub_"):
-        return _scalar_affine(node)
+        return _constant_affine(node, gm)
     return None
 
 
@@ -243,21 +253,45 @@ _SCALAR_OPS = {
 }
 
 
-def _scalar_affine(node: torch.fx.Node) -> AffineSite | None:
+def _constant_affine(node: torch.fx.Node, gm: torch.fx.GraphModule) -> AffineSite | None:
+    """``x * c``, ``x / c``, ``x + c``, ``x - c`` (and ``c * x``, ``c + x``) with a constant ``c``:
+    a Python number, or a constant tensor of one value or one value per channel of ``x``."""
     kind = _SCALAR_OPS.get(node.target) if node.op == "call_function" else node.target.rstrip("_")
     if kind is None or len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
-    if isinstance(a, torch.fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
-        x, c = a, float(b)
-    elif isinstance(b, torch.fx.Node) and isinstance(a, (int, float)) and kind in ("mul", "add"):
-        x, c = b, float(a)
-    else:
+    x = c = None
+    if isinstance(a, torch.fx.Node):
+        x, c = a, _per_channel_constant(gm, b, a)
+    if c is None and isinstance(b, torch.fx.Node) and kind in ("mul", "add"):
+        x, c = b, _per_channel_constant(gm, a, b)
+    if c is None or (kind == "div" and bool((torch.as_tensor(c) == 0).any())):
         return None
-    if kind == "div" and c == 0:
-        return None
-    scale, shift = {"mul": (c, 0.0), "div": (1.0 / c if c else 0.0, 0.0), "add": (1.0, c), "sub": (1.0, -c)}[kind]
+    scale, shift = {"mul": (c, 0.0), "div": (1.0 / c, 0.0), "add": (1.0, c), "sub": (1.0, -c)}[kind]
     return AffineSite(node, x, scale, shift, kind=kind)
+
+
+def _per_channel_constant(gm: torch.fx.GraphModule, value, x: torch.fx.Node) -> float | torch.Tensor | None:
+    """``value`` as a scalar or a per-channel vector of ``x``'s channels, if it is a constant."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, torch.fx.Node) and value.op != "get_attr":
+        return None
+    tensor = fetch(gm, value)
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        return None
+    tensor = tensor.detach().to(torch.float64)
+    if tensor.numel() == 1:
+        return float(tensor.reshape(()))
+    shape = shape_of(x)
+    if shape is None or len(shape) < 2 or tensor.dim() > len(shape):
+        return None
+    padded = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
+    if padded[1] != shape[1] or any(size != 1 for k, size in enumerate(padded) if k != 1):
+        return None
+    return tensor.reshape(-1)
 
 
 # ------------------------------------------------------------------ joins
@@ -273,10 +307,7 @@ class JoinSite:
 
 def join_site(node: torch.fx.Node, shape_of) -> JoinSite | None:
     """Describe ``node`` if it joins several tensors; ``shape_of(node)`` reads a node's shape."""
-    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _ADD_METHODS
-    )
-    if is_add:
+    if is_add(node):
         operands = node.args[:2]
         if len(operands) != 2 or not all(isinstance(a, torch.fx.Node) for a in operands):
             return None
@@ -298,6 +329,66 @@ def join_site(node: torch.fx.Node, shape_of) -> JoinSite | None:
             problem = f"cat along dim {dim}, not the channel dim"
         return JoinSite(node, "cat", tuple(tensors), problem)
     return None
+
+
+def is_add(node: torch.fx.Node) -> bool:
+    """``a + b`` in any spelling (``+``, ``+=``, ``torch.add``, ``Tensor.add(_)``, ``aten.add(_)``)."""
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+
+
+def is_mul(node: torch.fx.Node) -> bool:
+    """``a * b`` (out of place) in any spelling."""
+    return (node.op == "call_function" and node.target in _MUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MUL_METHODS
+    )
+
+
+def is_in_place(node: torch.fx.Node) -> bool:
+    """Whether a function, method or ATen op writes into its first argument (``relu_``, ``sigmoid_``)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__.endswith("_")
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+# ------------------------------------------------------------------ resampling, attention
+_NEAREST_PACKETS = {getattr(aten, f"upsample_nearest{d}d", None) for d in (1, 2, 3)} - {None}
+_MATMUL_FUNCTIONS = {torch.bmm, torch.matmul, torch.mm, torch.baddbmm, torch.einsum, operator.matmul}
+_MATMUL_METHODS = {"bmm", "matmul", "mm", "baddbmm", "__matmul__"}
+_MATMUL_PACKETS = {
+    getattr(aten, name, None) for name in (
+        "bmm", "mm", "matmul", "baddbmm", "einsum", "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+} - {None}
+
+
+def is_nearest_upsample(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    """Nearest-neighbour upsampling: ``nn.Upsample(mode="nearest")``, ``F.interpolate`` (its default
+    mode), ``aten.upsample_nearest*``."""
+    if node.op == "call_module":
+        module = submodule(gm, node.target)
+        return isinstance(module, nn.Upsample) and module.mode == "nearest"
+    if node.op != "call_function":
+        return False
+    if node.target in (F.interpolate, F.upsample):
+        return arg(node, 3, "mode", "nearest") == "nearest"
+    return node.target is F.upsample_nearest or getattr(node.target, "overloadpacket", None) in _NEAREST_PACKETS
+
+
+def is_matrix_product(node: torch.fx.Node) -> bool:
+    """A product of matrices (``bmm``, ``matmul``, ``einsum``, scaled dot-product attention)."""
+    if node.op == "call_method":
+        return node.target in _MATMUL_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target in _MATMUL_FUNCTIONS or node.target is F.scaled_dot_product_attention:
+        return True
+    return getattr(node.target, "overloadpacket", None) in _MATMUL_PACKETS
 
 
 # ------------------------------------------------------------------ the rest
@@ -374,6 +465,20 @@ def is_shape_reader(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _SHAPE_METHODS
     return node.op == "call_function" and node.target in _SHAPE_FUNCTIONS
+
+
+_SIZE_ATTRIBUTES = {"shape"}
+_SIZE_METHODS = {"size", "numel", "nelement"}
+
+
+def reads_size(node: torch.fx.Node) -> bool:
+    """A shape reader whose answer depends on sizes (``x.shape``, ``x.size(1)``, ``x.numel()``),
+    not only on rank, dtype or device."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _SIZE_ATTRIBUTES
+    if node.op == "call_method":
+        return node.target in _SIZE_METHODS
+    return node.op == "call_function" and node.target in _SHAPE_FUNCTIONS and node.target is not aten.dim.default
 
 
 def value_readers(node: torch.fx.Node) -> list[torch.fx.Node]:

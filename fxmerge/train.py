@@ -147,7 +147,8 @@ def finetune(
     device = _device_of(model)
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        train_steps(net, (_moved(b, device) for b in batches), loss_of, opt, schedule, on_step=shown)
+        train_steps(net, (_moved(b, device) for b in batches), loss_of, opt, schedule,
+                    on_step=None if bar.disable else shown)
     bar.close()
     _same_buffers(model)
     model.eval()

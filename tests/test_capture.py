@@ -315,3 +315,26 @@ def test_three_graph_forms_agree_on_torchvision(name):
     names, e.g. MaxPool2d vs max_pool2d) is identical across the three forms."""
     traced, others = _torchvision_three_forms(name, 96 if name == "inception_v3" else 64)
     _assert_same_structure(name, traced, others)
+
+
+class _PythonShapeAssert(nn.Module):
+    """A Python ``assert`` on a traced shape inside a submodule: symbolic_trace can only keep it whole."""
+
+    class Checked(nn.Module):
+        def forward(self, x):
+            assert x.shape[1] == 4, "four channels"
+            return x
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.check, self.b = nn.Conv2d(3, 4, 3, padding=1), self.Checked(), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.check(torch.relu(self.a(x))))
+
+
+def test_a_submodule_traced_only_as_a_leaf_is_captured_through_export_instead():
+    captured = capture(_PythonShapeAssert().eval(), torch.randn(1, 3, 8, 8))
+    assert captured.form == "export" and captured.leaves == ()
+    assert "could only keep 1 submodule(s) whole (check)" in captured.notes[0]
+    assert "src:x->b" in {s.id for s in analyze_captured(captured).spans}  # the check splits nothing

@@ -25,6 +25,7 @@ from torch import nn
 from fxmerge.kernels import (
     ConvParams,
     add,
+    add_side,
     batchnorm_scale_shift,
     cat,
     coarsest_groups,
@@ -33,6 +34,7 @@ from fxmerge.kernels import (
     fold_affine,
     group_connectivity,
     identity,
+    then_affine,
     then_conv,
     to_conv,
 )
@@ -704,3 +706,33 @@ def test_to_module_round_trip():
     assert (module.stride, module.padding, module.dilation, module.groups) == ((1, 2), (1, 0), (2, 1), 2)
     x = torch.randn(2, 4, 9, 9, generator=gen)
     assert torch.equal(module(x), conv(x))
+
+
+def test_side_bias_passes_through_later_convs_as_their_spatial_sums():
+    """``conv2(affine(conv1(x) + s))`` with ``s`` one value per sample and channel is the merged
+    conv plus ``A @ s``, ``A`` the product of the later convs' spatial sums, borders included."""
+    gen = torch.Generator().manual_seed(17)
+    conv1 = _conv(gen, 2, 3, 6, 3, 1, 1, 1, 1, True)
+    conv2 = _conv(gen, 2, 6, 4, (3, 2), 2, (1, 2), (1, 1), 2, True)  # grouped, strided, dilated
+    other = _conv(gen, 2, 3, 6, 1, 1, 1, 0, 1, False)
+    scale, shift = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
+    x, s, t = torch.randn(2, 3, 9, 8, generator=gen), torch.randn(2, 6, 1, 1, generator=gen), torch.randn(2, 4, 1, 1, generator=gen)
+    params = _params([conv1, conv2])
+    total = span_padding(params)
+    # the span, front-padded: two branches of x added (the 1×1 one cropped to align), plus s, an affine, conv2, plus t
+    padded = F.pad(x, [p for p in reversed(total) for _ in range(2)])
+    h = F.conv2d(padded, conv1.weight, conv1.bias) + F.conv2d(padded, other.weight)[:, :, 1:-1, 1:-1] + s
+    h = h * scale[:, None, None] + shift[:, None, None]
+    out = F.conv2d(h, conv2.weight, conv2.bias, stride=conv2.stride, dilation=conv2.dilation, groups=2) + t
+    branch = then_conv(identity(3, 2), conv1.weight, conv1.bias, (1, 1), (1, 1))
+    skip = crop(then_conv(identity(3, 2), other.weight, None, (1, 1), (1, 1)), (1, 1))
+    value = then_affine(add_side(add(branch, skip), "s"), scale, shift)
+    value = add_side(then_conv(value, conv2.weight, conv2.bias, conv2.stride, conv2.dilation, 2), "t")
+    sides = dict(value.sides)
+    assert sorted(sides) == ["s", "t"] and torch.equal(sides["t"], torch.eye(4, dtype=torch.float64))
+    merged = to_conv(value, total)
+    terms = sum(torch.einsum("oc,nc->no", matrix.float(), {"s": s, "t": t}[key].flatten(1)) for key, matrix in sides.items())
+    assert _rel(merged(x) + terms[:, :, None, None], out) <= TOLERANCE
+    # a cat stacks the terms; a map without a term contributes zeros
+    stacked = cat(value, then_conv(branch, conv2.weight, conv2.bias, conv2.stride, conv2.dilation, 2))
+    assert dict(stacked.sides)["s"].shape == (8, 6) and not dict(stacked.sides)["s"][4:].any()

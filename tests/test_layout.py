@@ -23,7 +23,7 @@ LAYERS = [
     ["fxmerge.fxutil", "fxmerge.ir", "fxmerge.cache", "fxmerge.kernels", "fxmerge.activations",
      "fxmerge.ops", "fxmerge.report"],
     # op recognisers, plans, exporting, process groups
-    ["fxmerge.nodes", "fxmerge.plan", "fxmerge.export", "fxmerge.distributed"],
+    ["fxmerge.nodes", "fxmerge.patterns", "fxmerge.plan", "fxmerge.export", "fxmerge.distributed"],
     # capture and analysis
     ["fxmerge.capture", "fxmerge.passes", "fxmerge.passes.match", "fxmerge.passes.spans", "fxmerge.passes.rules"],
     # rewrites, tables, solver, training

@@ -188,3 +188,59 @@ def test_pruned_last_unit_without_activation_keeps_next_span_start():
     plan = fxmerge.Plan.from_entries(sg, ["src:x->c2|prune:c2", "c2->c4|keep"])
     _every_plan_merges(model, x, sg, [plan])
     _every_plan_merges(model, x, sg, [fxmerge.Plan.from_entries(sg, ["src:x->c2|prune:c2", "c2->c3|keep", "c3->c4|keep"])])
+
+
+class BareConvBetweenSpans(nn.Module):
+    """A conv with neither norm nor activation ends one span and starts the next (timm's SeparableConv2d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1, groups=4)  # bare: its output is its position
+        self.c = nn.Conv2d(4, 4, 1)
+        self.d = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.c(self.b(torch.relu(self.a(x))))))
+
+
+def test_span_starting_at_a_bare_conv_that_an_earlier_span_rewrote():
+    model, x = BareConvBetweenSpans().eval(), torch.randn(1, 4, 10, 10)
+    sg = fxmerge.analyze(model, x)
+    assert sg.position("b").node == "b"
+    plan = fxmerge.Plan.from_entries(sg, ["src:x->b|keep", "b->d|keep"])
+    _every_plan_merges(model, x, sg, [plan])
+
+
+class AssertedNorms(nn.Module):
+    """timm's BatchNormAct2d: each norm asserts on its input's rank; one reshape reads a size inside a span."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c2, self.b2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c3 = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        torch._assert(y.ndim == 4, "4-d")
+        y = torch.relu(self.b1(y))
+        z = self.c2(y)
+        torch._assert(z.dim() == 4, "4-d")
+        channels, height = z.size(1), z.shape[2]
+        out = self.c3(torch.relu(self.b2(z)))
+        return out.reshape(out.shape[0], channels, height, -1)
+
+
+def test_shape_checks_inside_spans_keep_nothing_alive():
+    model = _randomise_bn(AssertedNorms())
+    x = torch.randn(2, 3, 9, 9)
+    sg = fxmerge.analyze(model, torch.randn(1, 3, 9, 9))
+    plan = fxmerge.Plan.from_entries(sg, ["src:x->c3|keep"])
+    lin = fxmerge.linearize(model, torch.randn(1, 3, 9, 9), plan, span_graph=sg).eval()
+    merged = fxmerge.merge(lin)
+    with torch.no_grad():
+        assert rel(merged(x), lin(x)) <= 1e-5  # at another batch size than the example's
+        assert lin(x).shape == model(x).shape == (2, 6, 9, 9)
+    assert sum(isinstance(m, nn.Conv2d) for m in merged.modules()) == 1
+    assert sum(n.target is torch.nn.functional.conv2d for n in merged.graph.nodes) == 0

@@ -86,3 +86,21 @@ def test_steps_coarser_than_the_tolerance_keep_the_best_fast_enough_plan():
 def test_rounds_are_bounded():
     outcome, calls = run(Target(ratio=0.5), lambda p: 0.45 * 100 if p < 60 else 0.55 * 100 + (p - 60), max_rounds=2)
     assert len(outcome.rounds) <= 2 and len(calls) <= 2
+
+
+def test_seeded_measurements_count_as_rounds_and_are_not_measured_again():
+    measure, calls = measuring(lambda p: 0.6 * p)
+    seed_plan = plan_at(60.0)
+    seed = [(seed_plan, measure(seed_plan))]
+    calls.clear()
+    outcome = meet_target(plan_at, measure, Target(ratio=0.6), first_budget_ms=60.0, budget_range=(10.0, 150.0),
+                          seed=seed, max_rounds=2)
+    assert calls == [100.0] and len(outcome.rounds) == 2 and outcome.met
+
+
+def test_a_seed_that_meets_the_target_ends_the_loop_at_once():
+    measure, calls = measuring(lambda p: p)
+    seed = [(plan_at(60.0), Measured(100.0, 60.0, 0.6))]
+    outcome = meet_target(plan_at, measure, Target(ratio=0.6), first_budget_ms=60.0, budget_range=(10.0, 150.0),
+                          seed=seed)
+    assert calls == [] and outcome.met and len(outcome.rounds) == 1

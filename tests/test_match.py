@@ -190,18 +190,18 @@ def test_batchnorm_affine_matches_the_module():
 
 
 class _Boundaries(nn.Module):
-    """BatchNorm on the input, a broadcasting add and a cat along the width: all boundaries."""
+    """BatchNorm on the input, an add broadcast over channels and a cat along the width: all boundaries."""
 
     def __init__(self):
         super().__init__()
         self.bn = nn.BatchNorm2d(3)
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bias = nn.Parameter(torch.zeros(1, 4, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, 1, 8, 8))  # (1, C, 1, 1) would be a side bias
         self.other = nn.Conv2d(3, 4, 3, padding=1)
 
     def forward(self, x):
         x = self.bn(x)
-        y = self.conv(x) + self.bias.expand(1, 4, 1, 1).clone()
+        y = self.conv(x) + self.bias.expand(1, 1, 8, 8).clone()
         return torch.cat([y, self.other(x)], dim=3)
 
 
@@ -212,7 +212,7 @@ def test_unmergeable_ops_are_reported_not_fatal():
     for r in graph.rejections:
         reasons.setdefault(r.node, []).append(r.reason)
     assert reasons["bn"] == ["BatchNorm not directly after a conv or join"]
-    assert reasons["add"][0] == "add broadcasts (1, 4, 8, 8) with (1, 4, 1, 1)"
+    assert reasons["add"][0] == "add broadcasts (1, 4, 8, 8) with (1, 1, 8, 8)"
     assert reasons["cat"][0] == "cat along dim 3, not the channel dim"
     assert graph.unit("conv").input_position == "src:bn"
     fxmerge.Plan.keep_all(graph).validate(graph)

@@ -41,10 +41,20 @@ def conv_nodes(gm):
 
 def expected_convs(sg, plan):
     in_spans = {u for e in plan.chosen(sg) for u in sg.span(e.span).units}
-    return len(plan.entries) + sum(u.id not in in_spans for u in sg.units)
+    kept = sum(not e.option.identity for e in plan.chosen(sg))  # an identity option leaves no conv
+    return kept + sum(u.id not in in_spans for u in sg.units)
+
+
+def _inputs(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _double(x) -> tuple:
+    return tuple(t.double() if t.is_floating_point() else t for t in _inputs(x))
 
 
 def check_model(model, x, plans, tol=1e-4):
+    """Every plan linearizes and merges exactly; ``x`` is the input, or a tuple of inputs."""
     sg = fxmerge.analyze(model, x)
     seen = set()
     for plan in plans(sg):
@@ -54,13 +64,13 @@ def check_model(model, x, plans, tol=1e-4):
         lin = fxmerge.linearize(model, x, plan, span_graph=sg).eval()
         merged = fxmerge.merge(lin)
         with torch.no_grad():
-            reference = lin(x)
-            error = rel(merged(x), reference)
-            if error > tol and x.dtype == torch.float32:
+            reference = lin(*_inputs(x))
+            error = rel(merged(*_inputs(x)), reference)
+            if error > tol and _inputs(x)[0].dtype == torch.float32:
                 error = float64_error(lin, x, error)
             assert error <= tol, plan.method
             if plan.method == "keep_all":
-                assert rel(reference, model(x)) <= tol
+                assert rel(reference, model(*_inputs(x))) <= tol
         assert conv_nodes(merged) == expected_convs(sg, plan), plan.method
         check_promised_convs(merged, sg, plan)
 
@@ -90,11 +100,19 @@ def float64_error(lin, x, error32):
     where rounding is 1e-16; a well-conditioned one keeps the fp32 result.
     """
     lin64 = copy.deepcopy(lin).double()
-    reference64 = lin64(x.double())
-    conditioning = rel(lin(x).double(), reference64)
+    reference64 = lin64(*_double(x))
+    conditioning = rel(_to_double(lin(*_inputs(x))), reference64)
     if conditioning <= error32 / 10:
         return error32  # fp32 itself is accurate here: the merge error is real
-    return rel(fxmerge.merge(lin64)(x.double()), reference64)
+    return rel(fxmerge.merge(lin64)(*_double(x)), reference64)
+
+
+def _to_double(output):
+    if isinstance(output, dict):
+        return {k: _to_double(v) for k, v in output.items()}
+    if isinstance(output, (tuple, list)):
+        return type(output)(_to_double(v) for v in output)
+    return output.double() if isinstance(output, torch.Tensor) else output
 
 
 def keep_and_random(count):

@@ -148,7 +148,9 @@ def build_importance_table(
 
     ``captured`` is the model as :func:`~fxmerge.capture.capture` gave it, and
     ``span_graph`` its analysis. ``estimator``: ``"auto"``, ``"distortion"``,
-    ``"loss"``, ``"finetune"``, or a callable ``score(model) -> float``.
+    ``"loss"``, ``"finetune"``, ``"paper"``, or a callable ``score(model) -> float``.
+    Under a ``torch.distributed`` process group every process must call it with the
+    same arguments; the entries are shared out (see the module docstring).
 
     ``data``: an iterable of batches (a DataLoader, a list...), each an input batch
     or an ``(input, label)`` pair, or a map-style Dataset of ``(input, label)`` items
@@ -177,16 +179,27 @@ def build_importance_table(
     todo = [e for e in wanted if not est.is_free(e)]
     found = distributed.broadcast_object(cached_deltas(cache, key, todo) if distributed.is_main() else None)
     missing = [e for e in todo if e.id not in found]
-    mine = distributed.shard(missing, [est.cost(e) for e in missing])
-    shown = progress and distributed.is_main()
-    with _progress_bar(len(found) + len(mine), len(found), est.label, enabled=shown) as bar:
-        evaluated = run_entries(mine, est, cache, key, on_done=bar.update)
-    evaluated = distributed.gather_dicts(evaluated)
+    evaluated, here = _run_share(missing, est, cache, key, len(found), progress)
     table = _summary(span_graph, est, wanted, found, evaluated, cache, time.perf_counter() - start)
     if distributed.world_size() > 1:
-        ranks = {"world_size": distributed.world_size(), "evaluated_here": len(mine)}
+        ranks = {"world_size": distributed.world_size(), "evaluated_here": here}
         table = dataclasses.replace(table, info={**table.info, "distributed": ranks})
     return table
+
+
+def _run_share(
+    missing: Sequence[Entry], est: Estimator, cache: EntryCache | None, key: dict, cached: int, progress: bool
+) -> tuple[dict[str, float], int]:
+    """Every missing entry's ``Δ``, and how many this process evaluated (its share, under a group)."""
+    mine = distributed.shard(missing, [est.cost(e) for e in missing])
+    shown = progress and distributed.is_main()
+    with _progress_bar(cached + len(mine), cached, est.label, enabled=shown) as bar:
+        evaluated = run_entries(mine, est, cache, key, on_done=bar.update)
+    if distributed.world_size() > 1:
+        evaluated = distributed.gather_dicts(evaluated)
+        known = [r for r in distributed.all_gather_object(est.reference) if r is not None]
+        est.reference = known[0] if known else None  # a process with no share never computed it
+    return evaluated, len(mine)
 
 
 def on_rank_device(captured: Captured) -> Captured:

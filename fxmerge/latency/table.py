@@ -168,7 +168,8 @@ def build_latency_table(
 def _build(span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool, *, shard: bool) -> LatencyTable:
     """The table, timed here (with ``shard``, this rank's share of the convs; every rank gets all)."""
     by_signature: dict[str, ConvSpec] = {}
-    for entry in span_graph.entries:
+    timed = [e for e in span_graph.entries if not e.option.identity]
+    for entry in timed:
         by_signature.setdefault(entry.conv.signature(), entry.conv)
 
     bar = tqdm(
@@ -184,7 +185,8 @@ def _build(span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool
     overhead: dict[str, float] = {}
     if getattr(backend, "standalone_overhead", False):
         overhead = _standalone_overheads(by_signature, backend, cache, progress, shard=shard)
-    entries = {e.id: _in_model_ms(results[e.conv.signature()].median_ms, overhead.get(e.conv.signature(), 0.0))
+    entries = {e.id: 0.0 if e.option.identity else  # an identity option costs nothing
+               _in_model_ms(results[e.conv.signature()].median_ms, overhead.get(e.conv.signature(), 0.0))
                for e in span_graph.entries}
     info = {
         **_backend_info(backend),
@@ -192,9 +194,9 @@ def _build(span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool
         "measured": measured,
         "cached": cached,
         "cache_dir": str(cache.directory) if cache else None,
-        "iqr_ms": {e.id: results[e.conv.signature()].iqr_ms for e in span_graph.entries},
+        "iqr_ms": {e.id: results[e.conv.signature()].iqr_ms for e in timed},
         "span_graph": span_graph.fingerprint,
-        "standalone_overhead_ms": {e.id: overhead[e.conv.signature()] for e in span_graph.entries if e.conv.signature() in overhead},
+        "standalone_overhead_ms": {e.id: overhead[e.conv.signature()] for e in timed if e.conv.signature() in overhead},
     }
     return LatencyTable(
         backend=backend.name,
@@ -374,3 +376,24 @@ def calibrate(
     return dataclasses.replace(
         table, offset_ms=original.median_ms - convs_ms, original_ms=original.median_ms, info=info
     )
+
+
+def with_context_cost(
+    table: LatencyTable, per_entry_ms: float, keep_all_entry_ids: Iterable[str], evidence: Mapping[str, Any]
+) -> LatencyTable:
+    """``table`` with ``per_entry_ms`` added to every entry, re-calibrated so keep-all still predicts the original.
+
+    A conv timed alone is not the conv inside a model: the runtime's fixed cost per op
+    (dispatch, a kernel launch, memory traffic the standalone-overhead subtraction also
+    removed) is paid once per conv that stays, so a plan with fewer convs saves more than
+    its entries say. ``per_entry_ms`` is that cost as measured end to end (the two-point
+    fit in ``fxmerge.api``); it may be negative where entries timed alone run slower than
+    inside a model. No entry drops below 1% of its measured value.
+    """
+    keep_all = list(keep_all_entry_ids)
+    entries = {k: max(v + per_entry_ms, 0.01 * v) for k, v in table.entries.items()}
+    if table.original_ms is None:
+        raise ValueError("with_context_cost needs a calibrated table (original_ms known): call calibrate first")
+    offset = table.original_ms - sum(entries[e] for e in keep_all)
+    info = {**table.info, "context_cost": {"per_entry_ms": per_entry_ms, **evidence}}
+    return dataclasses.replace(table, entries=entries, offset_ms=offset, info=info)

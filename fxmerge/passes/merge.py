@@ -11,6 +11,15 @@ Two rewrites, both exact in eval mode:
   (``fxmerge.kernels.to_conv``) and replaces the whole span. The activation that
   closes the span stays after it. The new conv's node records the span in
   ``node.meta["fxmerge_span"]``.
+* **Side biases.** An ``add`` inside a span whose other operand ``s`` comes from
+  outside it, one value per sample and channel (``(N, C, 1, …)``: a diffusion time
+  embedding), is carried by the map as a term ``A @ s`` (``kernels.add_side``): with
+  the span's padding in front every later conv reads ``s`` at every tap, so it maps
+  ``s`` by ``Σ_spatial W`` exactly, borders included. The merged span computes
+  ``conv(x) + A @ s``: ``s`` itself when ``A`` is the identity; when ``s`` is a
+  ``Linear``'s output only reshaped to ``(N, C, 1, …)`` and nothing else reads it,
+  that Linear is replaced by one computing ``A·W``, ``A·bias`` (``A @ (W z + b)``);
+  otherwise a bias-free 1×1 conv with weight ``A`` reads ``s``.
 * **BatchNorm folding.** A conv whose only user is an eval BatchNorm (or a constant
   scale/shift) absorbs it: ``w' = w * scale``, ``b' = b * scale + shift``.
 
@@ -25,6 +34,7 @@ the interior — which runs to merge is the solver's decision, carried by a plan
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx
@@ -33,8 +43,16 @@ from torch import nn
 from fxmerge import kernels
 from fxmerge.fxutil import nodes_between, shape_of
 from fxmerge.ir import parse_entry_id
-from fxmerge.nodes import affine_site, conv_site, is_native_batchnorm, is_transparent, join_site
+from fxmerge.nodes import (
+    affine_site,
+    conv_site,
+    is_add,
+    is_native_batchnorm,
+    is_transparent,
+    join_site,
+)
 from fxmerge.ops import SPAN_CROP, SPAN_END, SPAN_PAD, is_marker
+from fxmerge.patterns import side_producer
 from fxmerge.plan import Plan, PlanError
 
 
@@ -89,14 +107,18 @@ def _merge_span(gm: torch.fx.GraphModule, begin: torch.fx.Node, counter: list[in
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
     region = sorted(nodes_between(begin, end.args[0]), key=order.__getitem__)
     value = _span_map(gm, begin, end, region, dims, span)
-    module = kernels.to_conv(value, padding, dtype=_dtype(gm, region)).to_module()
+    dtype = _dtype(gm, region)
+    module = kernels.to_conv(value, padding, dtype=dtype).to_module()
     name = f"fxmerge_merged_{counter[0]}"
     counter[0] += 1
     gm.add_module(name, module)
     with gm.graph.inserting_before(end):
         conv = gm.graph.call_module(name, (begin.args[0],))
+        out = conv
+        for side, matrix in value.sides:
+            out = gm.graph.call_function(operator.add, (out, _side_term(gm, side, matrix, dtype, counter)))
     conv.meta["fxmerge_span"] = span
-    end.replace_all_uses_with(conv)
+    end.replace_all_uses_with(out)
     for node in reversed([begin, *region, end]):
         if not node.users:
             gm.graph.erase_node(node)
@@ -167,6 +189,9 @@ def _value_of(node: torch.fx.Node, values: dict, gm: torch.fx.GraphModule, span:
     affine = affine_site(node, gm)
     if affine is not None:
         return kernels.then_affine(value(affine.input), affine.scale, affine.shift)
+    side = _side_bias(node, values, span)
+    if side is not None:
+        return kernels.add_side(*side)
     joined = join_site(node, shape_of)
     if joined is not None:
         if joined.problem is not None:
@@ -180,6 +205,54 @@ def _value_of(node: torch.fx.Node, values: dict, gm: torch.fx.GraphModule, span:
     if is_transparent(node, gm):
         return value(node.args[0])
     raise MergeError(f"span {span!r}: {node.format_node()} is not a linear op fxmerge can merge")
+
+
+# ------------------------------------------------------------------- side biases
+def _side_bias(node: torch.fx.Node, values: dict, span: str) -> tuple[kernels.LinearMap, torch.fx.Node] | None:
+    """``(map, s)`` when ``node`` adds a tensor ``s`` from outside the span onto a tensor of the span."""
+    if not is_add(node) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    inside = [a for a in node.args if isinstance(a, torch.fx.Node) and a in values]
+    outside = [a for a in node.args if isinstance(a, torch.fx.Node) and a not in values]
+    if len(inside) != 1 or len(outside) != 1:
+        return None
+    value, side = values[inside[0]], outside[0]
+    shape = shape_of(side)
+    if shape is None or len(shape) != value.dims + 2 or shape[1] != value.out_channels or any(s != 1 for s in shape[2:]):
+        raise MergeError(
+            f"span {span!r}: {node.name} adds {side.name} of shape {shape}; only a side bias of one value "
+            f"per sample and channel ((N, {value.out_channels}, 1, ...)) merges exactly"
+        )
+    return value, side
+
+
+def _side_term(gm: torch.fx.GraphModule, side: torch.fx.Node, matrix: torch.Tensor, dtype, counter) -> torch.fx.Node:
+    """``A @ s`` for side bias ``s`` as a node: ``s`` when ``A`` is the identity, ``s``'s Linear
+    refitted to ``A·W``, ``A·bias`` when nothing else reads it, else a bias-free 1×1 conv."""
+    c_out, c_side = matrix.shape
+    if c_out == c_side and torch.equal(matrix, torch.eye(c_out, dtype=matrix.dtype, device=matrix.device)):
+        return side
+    name = f"fxmerge_side_{counter[0]}"
+    counter[0] += 1
+    produced = side_producer(side, gm)
+    if produced is not None:
+        linear, singletons = produced
+        weight = linear.weight.detach()
+        bias = linear.bias.detach().double() if linear.bias is not None else weight.new_zeros(c_side).double()
+        module = nn.Linear(weight.shape[1], c_out).to(dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            module.weight.copy_(matrix @ weight.double())
+            module.bias.copy_(matrix @ bias)
+        gm.add_module(name, module)
+        term = gm.graph.call_module(name, (linear.input,))
+        for _ in range(singletons):
+            term = gm.graph.call_function(torch.unsqueeze, (term, -1))
+        return term
+    dims = len(shape_of(side)) - 2
+    weight = matrix.reshape(c_out, c_side, *(1,) * dims)
+    module = kernels.ConvParams(weight.to(dtype), None, (1,) * dims, (0,) * dims, (1,) * dims).to_module()
+    gm.add_module(name, module)
+    return gm.graph.call_module(name, (side,))
 
 
 # ------------------------------------------------------------------- affines

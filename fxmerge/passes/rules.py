@@ -9,13 +9,20 @@ options keyed by merged kernel, stride and depthwise-or-not, see
 paper never considers:
 
 (a) *the table lies on the main path.* Position 0 is the stem's output: the stem
-    (the network's first conv) is never inside a multi-unit span and has no entry
-    in the table. A projection shortcut (a branch of a residual ``add`` holding a
-    single conv while another branch holds more) is never a choice of its own: it
-    merges only inside a span covering its whole block. Both keep their single-unit
-    span, so that every plan still covers every unit, but :func:`paper_table` (the
-    table proper) leaves them out, as it leaves out units kept out of every span
-    (``exclude=``); :func:`outside_table` says which units and why.
+    (the network's first conv, when an activation closes it: the reference's
+    position 0 is that activation; a first conv without one, the DDPM U-Net's
+    ``conv_in``, reads position 0, the network input, and is an ordinary conv) is
+    never inside a multi-unit span and has no entry in the table. A projection
+    shortcut (a branch of a residual ``add`` holding a single conv while another
+    branch holds more; for an ``add`` kept as it is, a conv from a tensor that also
+    reaches the other operand through more than one conv: a U-Net's ``nin_shortcut``)
+    is never a choice of its own: it merges only inside a span covering its whole
+    block. *Attention projections* (convs feeding only a matrix product, an
+    attention's q/k/v, or reading its result, the output projection) and the *head*
+    (a conv whose output is the model output) have no entries either. All of them
+    keep their single-unit span, so that every plan still covers every unit, but
+    :func:`paper_table` (the table proper) leaves them out, as it leaves out units
+    kept out of every span (``exclude=``); :func:`outside_table` says which units and why.
 (b) *a residual branch taken whole from its block's source is the whole block.*
     The reference has one position after a block's last conv, the block output
     after the add, so the branch alone and the block with its skip absorbed are one
@@ -37,7 +44,8 @@ paper never considers:
 
 Nothing here is architecture-specific: stems, shortcuts, strided convs and residual
 sources are read off the chain structure of the span graph, so the rules apply to
-any network, with ResNets and MobileNetV2s giving exactly the reference's spaces.
+any network, with ResNets, MobileNetV2s and the DDPM U-Net giving exactly the
+reference's spaces.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from dataclasses import replace
 
 import networkx as nx
 
-from fxmerge.ir import Chain, Parallel, Rejection, Span, SpanGraph, Step
+from fxmerge.ir import MODEL_OUTPUT, Chain, Parallel, Rejection, Span, SpanGraph, Step
 
 
 def paper_rules(graph: SpanGraph) -> SpanGraph:
@@ -108,6 +116,7 @@ class _Structure:
     def __init__(self, graph: SpanGraph):
         self.graph = graph
         self.units = {unit.id: unit for unit in graph.units}
+        self.positions = {p.id: p for p in graph.positions}
         self.flow = nx.DiGraph()
         self.flow.add_nodes_from(p.id for p in graph.positions)
         for unit in graph.units:
@@ -116,15 +125,25 @@ class _Structure:
             for operand in join.operands:
                 self.flow.add_edge(operand, join.output_position)
         self.index = {p.id: p.index for p in graph.positions}
-        self.stem = min(graph.units, key=lambda u: self.index[u.output_position]).id if graph.units else None
+        self.stem = self._stem()
         self.shortcuts: set[str] = set()
+        self.regions: set[str] = set()  # joins of parallel regions
         self.residual_sources: set[str] = set()
         self.residual_units: set[str] = set()  # units inside a branch of a residual block
         self.branch_ends: dict[str, str] = {}  # last position of a residual branch → the block output
         self.whole_branches: set[tuple[str, str]] = set()  # (block source, branch end) of non-empty branches
         for chain in graph.chains:
             self._visit(chain, inside_residual=False)
+        self.shortcuts |= self._fixed_shortcuts()
+        self.attention = self._attention_projections()
         self.breaks = self._breaks()
+
+    def _stem(self) -> str | None:
+        """The network's first conv, when an activation closes it (the reference's position 0)."""
+        if not self.graph.units:
+            return None
+        first = min(self.graph.units, key=lambda u: self.index[u.output_position])
+        return first.id if first.activation is not None else None
 
     # -- structure
     def _visit(self, chain: Chain, inside_residual: bool) -> None:
@@ -134,6 +153,7 @@ class _Structure:
             if step.kind != "parallel" or not isinstance(step.region, Parallel):
                 continue
             region = step.region
+            self.regions.add(region.join)
             residual = self.graph.join(region.join).kind == "add"
             if residual:
                 self._residual_block(region, chain.positions[k], chain.positions[k + 1])
@@ -149,6 +169,44 @@ class _Structure:
             if branch.steps:
                 self.branch_ends[branch.positions[-1]] = output
                 self.whole_branches.add((branch.positions[0], branch.positions[-1]))
+
+    def _fixed_shortcuts(self) -> set[str]:
+        """Projection shortcuts of residual ``add``s kept as they are (rule a).
+
+        A conv ``u`` is one when its output is an operand of such an add and its input
+        also reaches another operand, without passing through ``u``, along a path of
+        more than one conv (the block's main branch). Paths here also run through the
+        ops between positions (``Position.inputs``: a block's norm and activation).
+        """
+        flow = self.flow.copy()
+        for position in self.graph.positions:
+            flow.add_edges_from((source, position.id) for source in position.inputs)
+        producer = {unit.output_position: unit for unit in self.graph.units}
+        found: set[str] = set()
+        for join in self.graph.joins:
+            if join.kind != "add" or join.id in self.regions:
+                continue
+            for operand in join.operands:
+                unit = producer.get(operand)
+                if unit is None:
+                    continue
+                others = set(join.operands) - {operand}
+                view = nx.restricted_view(flow, [operand], [])
+                reach = nx.descendants(view, unit.input_position)
+                for other in others & reach:
+                    between = (reach & nx.ancestors(view, other)) | {unit.input_position, other}
+                    convs = [u for u in self.graph.units if u.input_position in between and u.output_position in between]
+                    if len(convs) > 1:
+                        found.add(unit.id)
+        return found
+
+    def _attention_projections(self) -> set[str]:
+        """Convs that only feed a matrix product (q, k, v) or read its result (rule a)."""
+        attention = [p for p in self.graph.positions if p.attention]
+        feeding = {source for p in attention for source in p.inputs}
+        results = {p.id for p in attention}
+        only_feeding = {p for p in feeding if not self.flow.out_degree(p)}  # read by no unit or join
+        return {u.id for u in self.graph.units if u.input_position in results or u.output_position in only_feeding}
 
     def _unit_count(self, chain: Chain) -> int:
         return sum(1 if step.kind == "unit" else 2 for step in chain.steps)
@@ -202,6 +260,10 @@ class _Structure:
                 why[unit.id] = "the stem: position 0 is its output"
             elif unit.id in self.shortcuts:
                 why[unit.id] = "projection shortcut: it merges only inside its whole block"
+            elif unit.id in self.attention:
+                why[unit.id] = "attention projection: it feeds or reads a matrix product"
+            elif self.positions[unit.output_position].pinned == MODEL_OUTPUT:
+                why[unit.id] = "the head: its output is the model output"
             elif unit.ineligible is not None:
                 why[unit.id] = f"kept out of every span: {unit.ineligible}"
         return why

@@ -16,10 +16,12 @@ Its structure is recovered with dominators, with no architecture-specific code:
 
 A span from position ``i`` to ``j`` of one chain exists when every step between them
 is a mergeable unit or region and no position strictly inside is pinned, so a span
-never cuts a block in half. Its *options* prune subsets of its reducible convs
-(C→C, stride 1, size preserving); options producing the same merged conv (kernel,
+never cuts a block in half, nor when a side bias inside it is computed from its
+input. Its *options* prune subsets of its reducible convs (C→C, stride 1, size
+preserving), keeping at least one; options producing the same merged conv (kernel,
 stride, groups) are deduplicated, keeping the subset with the largest summed
-``|weight|``. The merged conv of each option is computed from a weight-free
+``|weight|``. The single-unit span of a *droppable* conv (reducible, right after a
+nearest-neighbour upsample) also has the *identity* option, which drops it. The merged conv of each option is computed from a weight-free
 *footprint* that follows the same algebra as ``fxmerge.kernels``; the reachable
 footprints are enumerated exactly, for any number of reducible convs, by a dynamic
 program along the span that keeps the heaviest choice per distinct footprint.
@@ -28,6 +30,7 @@ program along the span that keeps the heaviest choice per distinct footprint.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import networkx as nx
 
@@ -96,9 +99,7 @@ def span_graph(matched: Matched, *, model: str, input_shapes, rules: str = "gene
     enumerator = _SpanEnumerator(units, joins, positions, pinned, max_kernel, max_units, norms, OPTION_KEYS[rules])
     for chain in builder.all_chains:
         spans.extend(enumerator.spans_of(chain))
-    position_list = tuple(
-        Position(p.id, p.index, p.kind, p.node, p.activation, p.shape, pinned.get(p.id)) for p in matched.positions
-    )
+    position_list = tuple(replace(p, pinned=pinned.get(p.id)) for p in matched.positions)
     chains = tuple(_mark_mergeable(c, enumerator) for c in chains)
     return SpanGraph(
         model=model,
@@ -138,7 +139,28 @@ def _find_regions(graph: nx.DiGraph, joins: dict[str, Join], positions: dict[str
         else:
             fixed.append(join.id)
             rejections.append(Rejection(join.node, f"join kept as it is: {reason}"))
+    _demote_enclosing(regions, fixed, rejections, joins)
     return regions, fixed, rejections
+
+
+def _demote_enclosing(regions: dict, fixed: list[str], rejections: list[Rejection], joins: dict[str, Join]) -> None:
+    """A region that holds a join kept as it is cannot be walked branch by branch: keep it as it is too.
+
+    (``(a + b) + c`` after one conv: the inner add is a region, the outer one is not, and
+    a residual around both must then not be a region either.) Repeated until nothing changes.
+    """
+    by_output = {j.output_position: j for j in joins.values()}
+    changed = True
+    while changed:
+        changed = False
+        kept = {joins[j].output_position for j in fixed} | {o for j in fixed for o in joins[j].operands}
+        for b, (a, branches) in list(regions.items()):
+            inside = set().union(*(nodes for _, nodes in branches)) - {a}
+            if inside & kept:
+                del regions[b]
+                fixed.append(by_output[b].id)
+                rejections.append(Rejection(by_output[b].node, "join kept as it is: it encloses a join kept as it is"))
+                changed = True
 
 
 def _region_problem(graph, join: Join, a: str, b: str, positions) -> str | None:
@@ -344,6 +366,8 @@ class _SpanEnumerator:
                         break
                     if any(p in self.pinned for p in chain.positions[i + 1:j]):
                         break
+                    if self._side_reads(chain.positions[i], steps):
+                        break  # so does every longer span from here: it holds the same side bias
                 span = self._span(chain, i, j, steps)
                 if span is None:
                     if self._too_big(steps):
@@ -351,6 +375,22 @@ class _SpanEnumerator:
                     continue
                 spans.append(span)
         return spans
+
+    def _side_reads(self, start: str, steps: list[Step]) -> bool:
+        """Whether a side bias inside the span is computed from the span's input, however indirectly:
+        the side's path would then lie inside the span (the side bias must not depend on the span input)."""
+        members = [self.units[u] for s in steps for u in self.step_units(s)]
+        members += [self.joins[j] for s in steps if s.kind == "parallel" for j in self.region_joins(s.region)]
+        return any(start == side or start in self._lineage_of(side) for m in members for side in m.side_inputs)
+
+    def _lineage_of(self, position: str) -> set[str]:
+        """Every position ``position``'s value is computed from (memoised per position)."""
+        cache = self.__dict__.setdefault("_lineages", {})
+        if position not in cache:
+            if "_lineage" not in self.__dict__:
+                self.__dict__["_lineage"] = _lineage(self.units, self.joins, self.positions)
+            cache[position] = nx.ancestors(self.__dict__["_lineage"], position)
+        return cache[position]
 
     def _too_wide(self, fp: Footprint) -> bool:
         return self.max_kernel is not None and any(k > self.max_kernel for k in fp.kernel)
@@ -378,8 +418,9 @@ class _SpanEnumerator:
         start_position = self.positions[start]
         if len(unit_ids) == 1 and not joins:
             unit = self.units[unit_ids[0]]
-            spec = unit.conv
-            options = (Option(id="keep", pruned=(), conv=spec),)
+            options = (Option(id="keep", pruned=(), conv=unit.conv),)
+            if unit.droppable:
+                options += (_identity_option(unit),)
             return Span(span_id(start, end), start, end, tuple(unit_ids), (), dropped, options)
         options = self._options(steps, unit_ids, start_position, end_position)
         if not options:
@@ -477,6 +518,35 @@ class _SpanEnumerator:
             reach = self._reach(list(branch.steps), _start(channels, dims), index)
             joined = reach if joined is None else _compose(joined, reach, lambda a, b: _join(a, b, kind))
         return joined or {}
+
+
+def _lineage(units: dict[str, Unit], joins: dict[str, Join], positions: dict[str, Position]) -> nx.DiGraph:
+    """Which positions each position is computed from: a unit's input, a join's operands, a source's
+    inputs (through the ops between), and the inputs of side biases."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(positions)
+    for unit in units.values():
+        graph.add_edges_from((p, unit.output_position) for p in (unit.input_position, *unit.side_inputs))
+    for join in joins.values():
+        graph.add_edges_from((p, join.output_position) for p in (*join.operands, *join.side_inputs))
+    for position in positions.values():
+        graph.add_edges_from((p, position.id) for p in position.inputs)
+    return graph
+
+
+def _identity_option(unit: Unit) -> Option:
+    """The option that drops a :attr:`~fxmerge.ir.Unit.droppable` conv entirely (latency 0).
+
+    Its ``conv`` is the identity as a depthwise 1×1 conv without bias (what every
+    reader of ``Option.conv`` can handle); ``identity=True`` says nothing is emitted.
+    """
+    spec, dims = unit.conv, unit.conv.dims
+    channels = spec.out_channels
+    conv = replace(
+        spec, in_channels=channels, kernel_size=(1,) * dims, stride=(1,) * dims, padding=(0,) * dims,
+        dilation=(1,) * dims, groups=channels, bias=False,
+    )
+    return Option(id=f"prune:{unit.id}", pruned=(unit.id,), conv=conv, identity=True)
 
 
 _Reach = dict[tuple[Footprint, bool], tuple[float, tuple[int, ...]]]
