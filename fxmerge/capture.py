@@ -274,7 +274,12 @@ def graph_form(gm: torch.fx.GraphModule) -> str:
 
 
 def drop_guards(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Remove ``torch.export``'s input guard call (``_guards_fn``): it checks, computes nothing."""
+    """An exported program's module as fxmerge uses it: without ``torch.export``'s input guard
+    call (``_guards_fn``: it checks, computes nothing), and with ``train()``/``eval()`` allowed
+    again (``ExportedProgram.module()`` forbids them on the instance; its graph is already in
+    inference form, so the flag changes nothing, but every stage sets it)."""
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
     changed = False
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:

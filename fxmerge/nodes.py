@@ -286,7 +286,10 @@ def _per_channel_constant(gm: torch.fx.GraphModule, value, x: torch.fx.Node) -> 
     if tensor.numel() == 1:
         return float(tensor.reshape(()))
     shape = shape_of(x)
-    if shape is None or len(shape) < 2 or tensor.dim() > len(shape):
+    if shape is None:  # inside a linearized span (padded: shapes forgotten), the constant's own shape decides
+        per_channel = tensor.dim() >= 2 and tensor.shape[0] == 1 and all(size == 1 for size in tensor.shape[2:])
+        return tensor.reshape(-1) if per_channel else None
+    if len(shape) < 2 or tensor.dim() > len(shape):
         return None
     padded = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
     if padded[1] != shape[1] or any(size != 1 for k, size in enumerate(padded) if k != 1):

@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxmerge.fxutil import arg, fetch, shape_of, submodule
-from fxmerge.nodes import activation_name, is_add, is_in_place, is_mul, value_readers
+from fxmerge.nodes import (
+    activation_name,
+    is_add,
+    is_in_place,
+    is_mul,
+    is_transparent,
+    value_readers,
+)
 
 aten = torch.ops.aten
 
@@ -112,11 +119,23 @@ def activation_site(current: torch.fx.Node, gm: torch.fx.GraphModule) -> Activat
     if len(readers) == 1:
         norm = norm_site(readers[0], gm)
         if norm is not None and norm.input is current:
-            act = _activation(norm.node, gm)
+            between = _transparent_chain(norm.node, gm)  # GroupNorm → Identity → SiLU, as timm writes it
+            act = _activation(between[-1] if between else norm.node, gm)
             if act is None:
                 return None
-            return ActivationSite(act.name, current, act.output, (*norm.helpers, norm.node, *act.nodes), norm.kind)
+            members = (*norm.helpers, norm.node, *between, *act.nodes)
+            return ActivationSite(act.name, current, act.output, members, norm.kind)
     return _activation(current, gm)
+
+
+def _transparent_chain(node: torch.fx.Node, gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The identity ops (in eval) that follow ``node``, each the only reader of the one before."""
+    chain: list[torch.fx.Node] = []
+    while True:
+        readers = value_readers(chain[-1] if chain else node)
+        if len(readers) != 1 or not is_transparent(readers[0], gm):
+            return chain
+        chain.append(readers[0])
 
 
 def _activation(x: torch.fx.Node, gm: torch.fx.GraphModule) -> ActivationSite | None:

@@ -246,3 +246,9 @@ class DDPMUNet(nn.Module):
                 h = stage.upsample(h)
 
         return self.conv_out(nonlinearity(self.norm_out(h)))
+
+
+def small() -> DDPMUNet:
+    """A small DDPM U-Net (ch 32, two levels, attention at 8×8) for 1×3×16×16 images: a command-line factory."""
+    torch.manual_seed(0)
+    return DDPMUNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16).eval()

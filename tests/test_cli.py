@@ -285,6 +285,23 @@ def two_classes():
 
 def segmenter():
     return Segmenter()
+
+
+class Timed(nn.Module):
+    """An image and a timestep, as a diffusion U-Net takes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn(3, 8), conv_bn(8, 8)
+        self.out = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.out(self.b(self.a(x) + t.reshape(-1, 1, 1, 1)))
+
+
+def timed():
+    torch.manual_seed(0)
+    return Timed()
 '''
 SHAPE = ("--input-shape", "1,3,16,16")
 
@@ -486,6 +503,21 @@ def test_unreachable_target_without_the_loop_names_the_predicted_minimum(tiny, f
     )
     assert status == 2 and "as predicted by the latency table (the loop is off)" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_compress_a_two_input_model(tiny, flops, tmp_path, capsys):
+    model = tiny.replace(":build", ":timed")
+    status, out, err = run(
+        capsys, "compress", model, "--input-shape", "1,3,16,16;1", "--target", "80%", "--cache-dir",
+        str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress",
+    )
+    assert status == 0, err
+    assert (tmp_path / "o" / "merged.onnx").is_file() and "met as measured" in out
+    import torch
+
+    program = torch.export.load(tmp_path / "o" / "merged.pt2")
+    assert [tuple(n.meta["val"].shape) for n in program.graph.nodes if n.op == "placeholder"][-2:] == [
+        (1, 3, 16, 16), (1,)]
 
 
 def test_target_at_or_above_the_original_writes_nothing(tiny, flops, tmp_path, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fxmerge.capture import capture
+from fxmerge.capture import capture, drop_guards
 from fxmerge.cli.arguments import (
     add_backend_arguments,
     add_model_arguments,
@@ -95,16 +95,8 @@ def load_exported(path: Path) -> tuple[nn.Module, tuple[tuple[int, ...], ...]]:
 
 
 def runnable(program: torch.export.ExportedProgram) -> nn.Module:
-    """``program.module()`` that the latency backends can run.
-
-    ``ExportedProgram.module()`` forbids ``train()``/``eval()`` on the instance; the
-    graph is already in inference form, so the flag changes nothing, but the timing
-    code sets it.
-    """
-    module = program.module(check_guards=False)
-    for name in ("train", "eval"):
-        module.__dict__.pop(name, None)
-    return module
+    """``program.module()`` that the latency backends can run (:func:`fxmerge.capture.drop_guards`)."""
+    return drop_guards(program.module(check_guards=False))
 
 
 def _merged_file(args: argparse.Namespace) -> nn.Module:

@@ -270,8 +270,9 @@ def _write_files(out: Path, x, outcome: _Outcome, settings: dict) -> None:
 
 def _latency_after(report: Report) -> str:
     text = f"{report.predicted_ms:.3f} ms predicted"
-    if report.measured_ms is not None:
-        text += f", {report.measured_ms:.3f} ms measured"
+    kept = next((r for r in report.rounds if r.measured_ms == report.measured_ms), None)
+    if kept is not None:
+        text += f", {kept.measured_ms:.3f} ms measured against {kept.original_ms:.3f} ms for the original in the same rounds"
     return text
 
 
