@@ -27,5 +27,10 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check fxmerge tests benchmarks
 
+# the benchmarks behind benchmarks/RESULTS.md; each writes benchmarks/results/<name>.json (hours: see RESULTS.md)
+bench: $(STAMP)
+	cd benchmarks && for script in solver_speed latency_model latency_context compress_zoo zoo_coverage paper_mini; do \
+		../$(PY) $$script.py || exit 1; done
+
 clean:
 	rm -rf $(VENV) .fxmerge-cache build *.egg-info

@@ -1,4 +1,4 @@
-"""A small DDPM on scikit-learn's digits: the generative benchmark of issue #15 (scaffolding).
+"""A small DDPM on scikit-learn's digits: the generative benchmark of issue #15.
 
 The model is the DDPM U-Net of ``tests/ddpm_model.py`` scaled down (``ch=32``,
 ``ch_mult=(1, 2, 2)``, one ResNet block per level, attention at 8×8, 1×16×16 inputs),
@@ -6,25 +6,21 @@ trained with the standard ε-prediction objective (Ho et al. 2020: linear β sch
 1e-4 … 0.02 over T = 1000 steps) on the 1797 handwritten digits of
 ``sklearn.datasets.load_digits``, upsampled from 8×8 to 16×16 and scaled to [-1, 1].
 
-What this file has today:
-
-* four disjoint splits of the digits: ``train`` (the model), ``holdout_train`` and
-  ``holdout_val`` (for fxmerge's importance estimates: a short fine-tune on one, the
-  loss on the other), ``test`` (the numbers reported);
+* four disjoint splits of the digits: ``train`` (the model, and every fine-tune),
+  ``holdout_train`` and ``holdout_val`` (fxmerge's ``paper`` importance: one epoch on
+  one, the relative change of the denoising loss on the other), ``test`` (reported);
 * training, cached under ``.fxmerge-cache/ddpm_mini/`` (an EMA ``state_dict`` saved
   atomically and loaded with ``weights_only=True``, keyed by every setting);
-* :func:`denoise_loss`: the denoising loss of one batch with fresh noise and
-  antithetic timesteps (``t`` paired with ``T-1-t``), the holdout metric;
-* :func:`sample`: DDPM ancestral sampling from a fixed seed;
-* :func:`save_grid`: a PNG of samples, one row per model, the same seed on every row.
+* :func:`compress_and_finetune`: ``fxmerge.compress(model, (x, t), target,
+  method=..., rules="paper", importance="paper", loss_fn=...)`` on onnxruntime, one
+  thread, closed loop; the same fine-tuning budget for every result; an exact merge;
+  the speed-up measured as an outsider would (ONNX exports, fresh sessions,
+  interleaved blocks: ``paper_mini_report.measure_speedup``);
+* :func:`sample`: DDPM ancestral sampling, the same seed for every model, and
+  :func:`save_grid`: one row of samples per model in a PNG.
 
-What it will have (issue #15): :func:`compress_and_finetune`, which compresses the
-model with ``fxmerge.compress`` (``layermerge`` and ``depth`` at two latency targets),
-fine-tunes each result with the same budget and measures its speed-up; each then gets
-a row in the sample grid.
-
-    python benchmarks/ddpm_mini.py            # ~10 min of training on one core, then cached
-    python benchmarks/ddpm_mini.py --quick    # smoke test: 300 steps, 6 samples, temporary output
+    python benchmarks/ddpm_mini.py            # ~10 min of training on one core (then cached), ~25 min of compression
+    python benchmarks/ddpm_mini.py --quick    # smoke test: 300 steps, one target, 6 samples, temporary output
 """
 
 from __future__ import annotations
@@ -312,27 +308,105 @@ def save_grid(rows: dict[str, torch.Tensor], path: Path, *, title: str | None = 
     return path
 
 
-# --------------------------------------------------------------------------- compression (to come)
-def compress_and_finetune(model: nn.Module, splits: Splits, target: str, *, method: str = "layermerge",
-                          finetune_steps: int = 500, backend: str = "onnxruntime") -> dict:
-    """TODO(#15): compress ``model`` to ``target`` with fxmerge, fine-tune it, and measure it.
+# --------------------------------------------------------------------------- compression
+METHODS = ("layermerge", "depth")
+TARGETS = ("97%", "85%")
+QUICK_TARGETS = ("85%",)
+FINETUNE_EPOCHS = 8  # over the train split, batch 32: the same budget for every compressed model
+FINETUNE_LR = 5e-4
+EXAMPLE_T = 500
 
-    It will:
 
-    1. call ``fxmerge.compress(model, (x, t), target, method=method, backend=backend,
-       importance=..., data=...)`` with ``x`` a (1, 1, 16, 16) image and ``t`` a (1,)
-       timestep, ``target`` a fraction of the original latency such as ``"70%"``, and
-       ``method`` ``"layermerge"`` or ``"depth"``; importance from the relative change of
-       :func:`denoise_loss` (short fine-tune on ``splits.holdout_train``, loss on
-       ``splits.holdout_val``), which needs the loss-function hook of issue #15;
-    2. fine-tune the linearized model for ``finetune_steps`` steps of :func:`denoise_loss`
-       on ``splits.train`` (the same budget for every method and target);
-    3. merge it exactly (``result.merge()``) and check it against the linearized model;
-    4. time the merged model and the original side by side on ``backend`` (one thread)
-       and return the measured speed-up, the predicted and measured latencies, the test
-       denoising loss before and after, and the merged model (for :func:`sample`).
+def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``fxmerge.compress`` is given: one image and one timestep."""
+    return torch.zeros(1, *IMAGE_SHAPE), torch.tensor([EXAMPLE_T])
+
+
+def global_rng_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """:func:`denoise_loss` with noise and timesteps drawn from torch's global RNG.
+
+    The form ``fxmerge.compress(loss_fn=...)`` and ``fxmerge.train.finetune(loss_fn=...)``
+    take: fxmerge seeds the global RNG per importance entry, and resets it before every
+    holdout evaluation, so every entry is measured on the same noise.
     """
-    raise NotImplementedError("compress_and_finetune needs fxmerge's #15 matching rules and loss hook")
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    return denoise_loss(model, batch, generator)
+
+
+def batches(images: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [images[i:i + size] for i in range(0, images.shape[0], size)]
+
+
+def compress_and_finetune(model: nn.Module, splits: Splits, target: str, *, method: str, threads: int,
+                          rounds: int, cache_dir: Path, epochs: int = FINETUNE_EPOCHS) -> dict:
+    """Compress ``model`` to ``target`` by ``method``, fine-tune, merge, and measure it as an outsider would.
+
+    Importance is the paper estimator on the relative change of the denoising loss (one
+    epoch on ``holdout_train``, loss on ``holdout_val``); the latency is onnxruntime's on
+    one thread with the closed loop. The linearized model is fine-tuned for ``epochs``
+    epochs of the denoising loss on ``train`` (AdamW, cosine), merged exactly, and timed
+    against the original by :func:`paper_mini_report.measure_speedup`.
+    """
+    import paper_mini_report as report
+
+    import fxmerge
+    from fxmerge.solver import InfeasibleBudget
+    from fxmerge.train import finetune
+
+    started = time.perf_counter()
+    try:
+        result = fxmerge.compress(
+            model, example_inputs(), target, method=method, backend="onnxruntime", threads=threads, rules="paper",
+            importance="paper", data=batches(splits.holdout_train, 30), eval_data=batches(splits.holdout_val, 30),
+            loss_fn=global_rng_loss, lr=1e-3, cache_dir=cache_dir, progress=False,
+        )
+    except InfeasibleBudget as exc:
+        return {"method": method, "target": target, "feasible": False, "why": str(exc).splitlines()[0]}
+    compressed_s = time.perf_counter() - started
+    linearized = result.model.eval()
+    before = evaluate(linearized, splits.test)
+    torch.manual_seed(0)
+    finetune(linearized, batches(splits.train, 32), epochs=epochs, lr=FINETUNE_LR, optimizer="adamw",
+             weight_decay=0.0, loss_fn=global_rng_loss, progress=False)
+    merged = result.merge().eval()
+    x, t = torch.randn(4, *IMAGE_SHAPE), torch.tensor([3, 250, 600, 999])
+    with torch.no_grad():
+        reference, output = linearized.eval()(x, t), merged(x, t)
+    rel_error = float((output - reference).abs().max() / reference.abs().max())
+    speed = report.measure_speedup(fold_batchnorm(model), merged, example_inputs(), threads=threads, rounds=rounds)
+    return {
+        "method": method, "target": target, "feasible": True, "speed": speed,
+        "loop": {"predicted_ms": result.report.predicted_ms, "measured_ratio": result.report.measured_ratio,
+                 "target_met": result.report.target_met},
+        "convs": [result.report.convs_before, result.report.convs_after],
+        "activations_removed": result.report.activations_removed,
+        "test_loss_before_finetune": before, "test_loss": evaluate(merged, splits.test),
+        "merged_vs_linearized_rel_error": rel_error, "compress_seconds": compressed_s,
+        "seconds": time.perf_counter() - started, "model": merged,
+    }
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """The original as the comparison runs it (this U-Net has GroupNorm only: nothing to fold)."""
+    return model.eval()
+
+
+def results_table(original_loss: float, cells: list[dict]) -> str:
+    rows = []
+    for cell in cells:
+        if not cell["feasible"]:
+            rows.append([cell["method"], cell["target"], "infeasible", "", "", "", "", ""])
+            continue
+        speed = cell["speed"]
+        rows.append([
+            cell["method"], cell["target"], f"{speed['speedup']:.2f}× [{speed['speedup_q1']:.2f}, "
+            f"{speed['speedup_q3']:.2f}]", f"{cell['loop']['measured_ratio']:.1%}",
+            f"{cell['convs'][0]} → {cell['convs'][1]}", f"{cell['test_loss_before_finetune']:.4f}",
+            f"{cell['test_loss']:.4f}", f"{cell['merged_vs_linearized_rel_error']:.1e}",
+        ])
+    header = ["method", "target", "measured speed-up (IQR)", "loop: merged/original", "convs",
+              "test loss before FT", f"test loss after FT (original {original_loss:.4f})", "merge rel. error"]
+    return common.markdown_table(header, rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -344,6 +418,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every row")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--retrain", action="store_true", help="train even when a cached model exists")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 10; 3 with --quick)")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help=f"fine-tuning epochs per compressed model (default {FINETUNE_EPOCHS}; 1 with --quick)")
     parser.add_argument("--cache-dir", type=Path, default=CACHE, help=f"model cache (default {CACHE})")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where the JSON and the PNG go (default benchmarks/results; a temporary one with --quick)")
@@ -351,6 +428,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     base = QUICK_TRAIN if args.quick else FULL_TRAIN
     args.train = TrainConfig(**{**asdict(base), "steps": args.steps or base.steps})
     args.samples = args.samples or (6 if args.quick else 12)
+    args.rounds = args.rounds or (3 if args.quick else 10)
+    args.finetune_epochs = args.finetune_epochs or (1 if args.quick else FINETUNE_EPOCHS)
+    args.targets = QUICK_TARGETS if args.quick else TARGETS
     if args.out_dir is None:
         args.out_dir = Path(tempfile.mkdtemp(prefix="ddpm_mini-")) if args.quick else common.RESULTS
     return args
@@ -362,25 +442,37 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     splits = digits_splits()
     model, info = trained_model(splits, args.train, cache_dir=args.cache_dir, retrain=args.retrain)
-    with common.Stopwatch() as clock:
-        losses = {name: evaluate(model, getattr(splits, name)) for name in ("holdout_val", "test")}
-    print(f"denoising loss: holdout_val {losses['holdout_val']:.4f}, test {losses['test']:.4f} "
-          f"({clock.seconds:.1f} s)")
-    with common.Stopwatch() as clock:
-        rows = {"original": sample(model, args.samples, args.seed)}
-    print(f"sampled {args.samples} images in {clock.seconds:.1f} s ({DEFAULT_SCHEDULE.timesteps} steps)")
+    original_losses = {name: evaluate(model, getattr(splits, name)) for name in ("holdout_val", "test")}
+    print(f"denoising loss of the original: holdout_val {original_losses['holdout_val']:.4f}, "
+          f"test {original_losses['test']:.4f}", flush=True)
+    rows = {"original": sample(model, args.samples, args.seed)}
+    cells = []
+    for target in args.targets:
+        for method in METHODS:
+            print(f"compressing: {method} at {target} ...", flush=True)
+            cell = compress_and_finetune(model, splits, target, method=method, threads=args.threads,
+                                         rounds=args.rounds, cache_dir=args.cache_dir / "fxmerge",
+                                         epochs=args.finetune_epochs)
+            if cell["feasible"]:
+                rows[f"{method} {target}"] = sample(cell.pop("model"), args.samples, args.seed)
+                print(f"  {cell['speed']['speedup']:.2f}× measured, test loss {cell['test_loss_before_finetune']:.4f}"
+                      f" → {cell['test_loss']:.4f} after fine-tuning ({cell['seconds']:.0f} s)", flush=True)
+            else:
+                print(f"  infeasible: {cell['why']}", flush=True)
+            cells.append(cell)
     name = "ddpm_mini_quick" if args.quick else "ddpm_mini"
     grid = save_grid(rows, args.out_dir / f"{name}_samples.png",
-                     title=f"DDPM on digits, {args.train.steps} steps, sampling seed {args.seed}")
+                     title=f"DDPM on digits: samples from seed {args.seed}, one row per model")
+    table = results_table(original_losses["test"], cells)
     result = {
         "command": common.command_line(), "quick": args.quick, "threads": args.threads,
         "model_config": MODEL_CONFIG, "train_config": asdict(args.train), "training": info,
-        "splits": splits.sizes(), "denoise_loss": {"original": losses}, "sample_seconds": clock.seconds,
-        "grid": str(grid), "wall_seconds": time.perf_counter() - started,
+        "splits": splits.sizes(), "denoise_loss": {"original": original_losses},
+        "finetune": {"epochs": args.finetune_epochs, "lr": FINETUNE_LR, "optimizer": "adamw", "batch_size": 32},
+        "cells": cells, "grid": str(grid), "table": table, "wall_seconds": time.perf_counter() - started,
     }
     out = common.write_json(args.out_dir / f"{name}.json", result)
-    print(f"training: {info['train_seconds']:.0f} s{' (cached)' if info['cached'] else ''}; "
-          f"grid: {grid}; json: {out}")
+    print(f"\n{table}\n\ngrid: {grid}\njson: {out}\nwall: {result['wall_seconds']:.0f} s")
     return 0
 
 

@@ -12,7 +12,7 @@ eager):
    BatchNorm costs time; onnxruntime folds it on export);
 3. draws ``--plans`` random valid plans (``Plan.random(sg, seed=k)``) plus the keep-all
    plan; for each, ``merge(linearize(...))`` and times the merged model against the
-   BatchNorm-folded original side by side (alternating rounds, fxmerge.demo.side_by_side);
+   BatchNorm-folded original side by side (alternating rounds, fxmerge.latency.compare.side_by_side);
 4. compares ``table.predict(plan.entries)`` (which already adds the calibrated
    offset) with the measured merged latency.
 
@@ -41,8 +41,8 @@ import common
 from tqdm.auto import tqdm
 
 import fxmerge
-from fxmerge.demo import side_by_side
 from fxmerge.latency import build_latency_table, calibrate
+from fxmerge.latency.compare import side_by_side
 
 MODELS = ["resnet18", "resnet34", "mobilenet_v2", "regnet_x_400mf"]
 QUICK_MODELS = ["resnet18"]

@@ -36,7 +36,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from fxmerge.fxutil import as_inputs, clean_path
 from fxmerge.ir import Rejection
@@ -152,16 +152,48 @@ def trace(model: nn.Module, given: int = 1, max_leaves: int = 200) -> tuple[torc
 
 
 def _exported(model: nn.Module, inputs: tuple) -> tuple[torch.fx.GraphModule | None, str, list[str]]:
-    """``torch.export`` (non-strict, then strict): ``(module or None, which, errors)``."""
+    """``torch.export`` (non-strict, then strict): ``(module or None, which, errors)``.
+
+    Each is tried with a dynamic batch dimension first (see :func:`_batch_dynamic`), so
+    that the graph runs at any batch size like the model does (importance estimates
+    and fine-tuning run batches, the example input is often one sample), then static.
+    """
     errors = []
     for strict in (False, True):
         try:
+            program = _batch_dynamic(model, inputs, strict)
+            if program is not None:
+                return drop_guards(program.module()), f"torch.export (strict={strict}, dynamic batch)", errors
             program = torch.export.export(model, inputs, strict=strict)
         except Exception as exc:  # noqa: BLE001 - each exporter failure is reported together
             errors.append(f"torch.export (strict={strict}): {type(exc).__name__}: {str(exc).strip()[:300]}")
             continue
         return drop_guards(program.module()), f"torch.export (strict={strict})", errors
     return None, "", errors
+
+
+def _batch_dynamic(model: nn.Module, inputs: tuple, strict: bool) -> torch.export.ExportedProgram | None:
+    """``model`` exported with dimension 0 of every tensor input symbolic, or ``None`` when it cannot be.
+
+    A size-1 dimension is always specialised by the exporter, so the export runs on
+    the example inputs doubled along dimension 0; the program is kept only when it
+    also reproduces the model's output on the example inputs themselves.
+    """
+    if not inputs or not all(isinstance(a, torch.Tensor) and a.dim() > 0 for a in inputs):
+        return None
+    doubled = tuple(torch.cat([a, a]) for a in inputs)
+    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+    try:
+        program = torch.export.export(model, doubled, dynamic_shapes=dynamic, strict=strict)
+        with torch.no_grad():
+            got, want = drop_guards(program.module())(*inputs), model(*inputs)
+        same = all(
+            isinstance(g, torch.Tensor) and g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5)
+            for g, w in zip(tree_leaves(got), tree_leaves(want), strict=True)
+        )
+    except Exception:  # noqa: BLE001 - a model that is not batch-polymorphic is exported statically
+        return None
+    return program if same else None
 
 
 # ------------------------------------------------------------------ normalisation

@@ -23,10 +23,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Literal
 
 Shape = tuple[int, ...]
+
+
+def frozen_mapping(mapping: Mapping | None) -> Mapping:
+    """A read-only copy of ``mapping`` (for the dict fields of frozen tables)."""
+    return MappingProxyType(dict(mapping or {}))
+
+
+class FrozenTable:
+    """Mixin for frozen dataclasses with read-only mapping fields: they pickle as plain dicts.
+
+    Tables travel between the ranks of a process group (``torch.distributed`` pickles
+    them); a ``mappingproxy`` cannot be pickled, so each is sent as a ``dict`` and
+    frozen again by ``__post_init__`` on arrival.
+    """
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        values = (getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+        return type(self), tuple(dict(v) if isinstance(v, MappingProxyType) else v for v in values)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
 from fxmerge import distributed
@@ -114,14 +115,18 @@ def finetune(
     distill_weight: float = 1.0,
     batch_size: int = 32,
     progress: bool = True,
+    loss_fn: LossOf | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``data`` (batches of inputs, or (input, label) pairs).
 
     ``data`` is an iterable of batches (a list, a ``DataLoader``) or a map-style
     ``Dataset`` of ``(input, label)`` items, batched by ``batch_size``. With
     ``teacher``, the loss adds ``distill_weight * T² * KL(teacher/T ‖ model/T)``;
-    batches without labels then train on the distillation loss alone. Under a
-    process group, trains with DistributedDataParallel (see the module docstring).
+    batches without labels then train on the distillation loss alone. With
+    ``loss_fn(model, batch) -> scalar`` (a task that is not classification, e.g. a
+    diffusion model's denoising loss, which draws its own noise), each batch as
+    ``data`` gives it is handed to ``loss_fn`` instead. Under a process group,
+    trains with DistributedDataParallel (see the module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -129,6 +134,8 @@ def finetune(
         raise ValueError("epochs must be non-negative")
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"unknown optimizer {optimizer!r}; choose 'sgd' or 'adamw'")
+    if loss_fn is not None and teacher is not None:
+        raise ValueError("give loss_fn or teacher, not both: a loss_fn computes the whole loss of a batch")
     batches = rank_batches(data, batch_size)
     steps = max(1, epochs * len(batches))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,7 +143,7 @@ def finetune(
     schedule = cosine_schedule(opt, steps)
     if teacher is not None:
         teacher.eval()
-    loss_of = _supervised(teacher, temperature, distill_weight)
+    loss_of = loss_fn or _supervised(teacher, temperature, distill_weight)
     net = _parallel(model)
     bar = tqdm(total=steps, desc="fine-tune", disable=not (progress and distributed.is_main()), leave=False)
 
@@ -147,7 +154,8 @@ def finetune(
     device = _device_of(model)
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        train_steps(net, (_moved(b, device) for b in batches), loss_of, opt, schedule,
+        moved = (_whole(b, device) if loss_fn else _moved(b, device) for b in batches)
+        train_steps(net, moved, loss_of, opt, schedule,
                     on_step=None if bar.disable else shown)
     bar.close()
     _same_buffers(model)
@@ -300,6 +308,11 @@ def _moved(batch: Any, device: torch.device) -> tuple[Any, Tensor | None]:
     else:
         inputs, labels = batch, None
     return _to(inputs, device), _to(labels, device)
+
+
+def _whole(batch: Any, device: torch.device) -> Any:
+    """Every tensor of one batch, as the user's data gives it, on ``device`` (for a ``loss_fn``)."""
+    return tree_map(lambda value: _to(value, device), batch)
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -157,9 +157,48 @@ class _OptionalArguments(nn.Module):
 def test_top_level_control_flow_falls_back_to_export_and_says_so():
     captured = capture(_ShapeGuarded().eval(), torch.randn(1, 3, 16, 16))
     assert captured.form == "export"
-    assert any("torch.export (strict=False)" in note for note in captured.notes)
+    assert any("torch.export (strict=False, dynamic batch)" in note for note in captured.notes)
     graph = analyze_captured(captured)
     assert "src:x->body.3" in {s.id for s in graph.spans}
+
+
+class _BatchReshape(nn.Module):
+    """Attention-style reshapes from ``x.shape`` behind a shape check: export bakes them unless batch is dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, t):
+        if x.shape[-1] % 4 != 0:
+            raise ValueError("the input size must be divisible by 4")
+        n, c, h, w = x.shape
+        y = self.conv(x).reshape(n, 4, h * w).softmax(-1).reshape(n, 4, h, w)
+        return y * t.reshape(n, 1, 1, 1)
+
+
+class _BatchOfOne(nn.Module):
+    """A model that only runs at batch 1 (it flattens the batch away): exported statically."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] % 4 != 0:
+            raise ValueError("the input size must be divisible by 4")
+        return self.conv(x).reshape(4, 8, 8)
+
+
+def test_export_capture_keeps_the_batch_dimension_dynamic():
+    model = _BatchReshape().eval()
+    captured = capture(model, (torch.randn(1, 3, 8, 8), torch.tensor([2.0])))
+    assert any("dynamic batch" in note for note in captured.notes)
+    x, t = torch.randn(5, 3, 8, 8), torch.randn(5)
+    with torch.no_grad():
+        torch.testing.assert_close(captured.gm(x, t), model(x, t))
+    static = capture(_BatchOfOne().eval(), torch.randn(1, 3, 8, 8))
+    assert static.form == "export" and not any("dynamic batch" in note for note in static.notes)
 
 
 def test_arguments_not_given_keep_their_python_defaults():

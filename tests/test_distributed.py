@@ -251,6 +251,7 @@ def workspace(tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_build_the_same_table_and_plan_and_ddp_trains(workspace):
     single = importance(workspace, "cache-1")
+    assert single["info"]["cached"] == 0
     single_plan = plan(workspace, "cache-compress-1")
     ranks = spawn(workspace, "pipeline")
     for result in ranks:
@@ -271,14 +272,15 @@ def test_two_processes_build_the_same_table_and_plan_and_ddp_trains(workspace):
 @pytest.mark.slow
 def test_a_killed_rank_loses_no_finished_entry(workspace):
     single = importance(workspace, "cache-1")
+    needed = single["info"]["evaluated"] + single["info"]["cached"]  # cache-1 may be warm from the test above
     with pytest.raises((torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException)):
         spawn(workspace, "die")
     finished = len(list((workspace / "cache-resume").glob("*.json")))
-    assert 2 <= finished < single["info"]["evaluated"]
+    assert 2 <= finished < needed
     resumed = spawn(workspace, "resume")
     for result in resumed:
         assert result["info"]["cached"] == finished
-        assert result["info"]["evaluated"] == single["info"]["evaluated"] - finished
+        assert result["info"]["evaluated"] == needed - finished
         assert result["entries"] == single["entries"]
 
 

@@ -260,6 +260,37 @@ def test_loss_fn_gives_the_relative_loss_change_on_common_noise(digits):
     assert table.info["reference"] == pytest.approx(original, rel=1e-6)
 
 
+def test_one_loss_fn_serves_the_loss_and_finetune_estimators_too(digits):
+    """``loss_fn(model, batch)`` on unlabelled batches: the same meaning as under ``paper``."""
+    torch.manual_seed(0)
+    model = Denoiser().eval()
+    images = [digits["x"][i : i + 50] for i in range(0, 400, 50)]
+    captured = capture(model, images[0][:1])
+    sg = analyze_captured(captured)
+    dropped = next(e.id for e in sg.entries if len(sg.span(e.span).units) == 2 and not e.option.pruned)
+    entry_net = linearize(captured, sg, single_entry_plan(sg, dropped))
+
+    def mean_loss(net, batches, seed=0):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return sum(float(denoise(net.eval(), b)) * len(b) for b in batches) / sum(len(b) for b in batches)
+
+    table = build_importance_table(captured, sg, "loss", data=images, loss_fn=denoise, entries=[dropped], **QUIET)
+    original = mean_loss(captured.gm, images)
+    assert table.delta(dropped) == pytest.approx(-(mean_loss(entry_net, images) - original) / original, rel=1e-6)
+    assert table.info["reference"] == pytest.approx(original, rel=1e-6)
+
+    tuned = build_importance_table(captured, sg, "finetune", data=images[:4], eval_data=images[4:], loss_fn=denoise,
+                                   lr=0.0, steps=2, reinit_single=False, entries=[dropped], **QUIET)
+    held_out = mean_loss(captured.gm, images[4:])
+    expected = -(mean_loss(entry_net, images[4:]) - held_out) / held_out  # lr 0: training changes nothing
+    assert tuned.delta(dropped) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="needs labelled data.*loss_fn"):
+        build_importance_table(captured, sg, "loss", data=images, entries=[dropped], **QUIET)
+    with pytest.raises(TypeError, match="loss_fn must be a callable"):
+        build_importance_table(captured, sg, "finetune", data=images, loss_fn="mse", entries=[dropped], **QUIET)
+
+
 # --------------------------------------------------------------------------- errors
 def test_paper_errors(digits):
     captured, sg = digits["captured"], digits["sg"]

@@ -20,12 +20,14 @@ it there after ``prepare()`` computed it, like an entry. One with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from fxmerge.capture import Captured
@@ -104,8 +106,8 @@ def first_tensor(output: Any) -> Tensor:
     return found[0]
 
 
-def evaluate(outputs: Iterable[tuple[Any, Batch]], metric: str, loss_fn) -> float:
-    """Mean loss or top-1 accuracy over ``(output, batch)`` pairs, weighted by batch size."""
+def evaluate(outputs: Iterable[tuple[Any, Batch]], metric: str) -> float:
+    """Mean cross-entropy or top-1 accuracy over ``(output, batch)`` pairs, weighted by batch size."""
     total = count = 0.0
     for output, batch in outputs:
         logits = first_tensor(output)
@@ -113,7 +115,7 @@ def evaluate(outputs: Iterable[tuple[Any, Batch]], metric: str, loss_fn) -> floa
         if metric == "accuracy":
             total += float((logits.argmax(dim=1) == batch.label).sum())
         else:
-            total += float((loss_fn or F.cross_entropy)(logits, batch.label)) * n
+            total += float(F.cross_entropy(logits, batch.label)) * n
         count += n
     return total / count
 
@@ -121,3 +123,41 @@ def evaluate(outputs: Iterable[tuple[Any, Batch]], metric: str, loss_fn) -> floa
 def signed(metric: str, value: float, reference: float) -> float:
     """Δ: a higher loss or a lower accuracy is a drop."""
     return -(value - reference) if metric == "loss" else value - reference
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[torch.Generator]:
+    """Run under ``torch.manual_seed(seed)`` (the caller's RNG state restored after); yields a
+    generator on ``device`` seeded the same way."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield torch.Generator(device=device).manual_seed(seed)
+
+
+BatchLoss = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(model, batch) -> scalar``: the user's loss of one batch as ``data=`` gives it.
+
+One meaning for every estimator that takes it (``loss``, ``finetune``, ``paper``): a
+task that is not classification — a diffusion model draws its noise and timesteps
+inside it, from torch's global RNG, which fxmerge seeds.
+"""
+
+
+def mean_batch_loss(model: nn.Module, batches: Iterable[Batch], loss_fn: BatchLoss, seed: int) -> float:
+    """Mean ``loss_fn(model, batch)`` per sample, eval mode, no grad, torch's RNG at ``seed``.
+
+    The same seed for the original and every entry: each is measured on the same draws.
+    """
+    model.eval()
+    total = samples = 0.0
+    device = next((t.device for b in batches for t in b.inputs if isinstance(t, Tensor)), torch.device("cpu"))
+    with seeded(int(seed), device), torch.no_grad():
+        for batch in batches:
+            total += float(loss_fn(model, batch.raw)) * batch.size
+            samples += batch.size
+    return total / samples
+
+
+def relative_drop(value: float, reference: float) -> float:
+    """Δ of a user loss: its relative change, negated (a higher loss is a drop)."""
+    return -(value - reference) / reference if reference else -(value - reference)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from fxmerge.importance.keys import data_fingerprint
 
@@ -26,10 +28,12 @@ LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 @dataclass
 class Batch:
-    """One batch: the model's positional inputs and the labels (``None`` when unlabelled)."""
+    """One batch: the model's positional inputs, the labels (``None`` when unlabelled), and the
+    batch as ``data=`` gave it (on the model's device), which a ``loss_fn`` reads whole."""
 
     inputs: tuple
     label: Tensor | None
+    raw: Any = None
 
     @property
     def size(self) -> int:
@@ -98,7 +102,8 @@ def parse_batch(batch, example_inputs: tuple, device: torch.device) -> Batch:
             f"must be {batch_form(example_inputs)}"
         )
     inputs = tuple(t.to(device) if isinstance(t, Tensor) else t for t in inputs)
-    return Batch(inputs, None if label is None else torch.as_tensor(label).to(device))
+    raw = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
+    return Batch(inputs, None if label is None else torch.as_tensor(label).to(device), raw)
 
 
 def _random_data(example_inputs: tuple, count: int, seed: int) -> Data:
@@ -111,7 +116,7 @@ def _random_data(example_inputs: tuple, count: int, seed: int) -> Data:
             else t
             for t in example_inputs
         )
-        batches.append(Batch(inputs, None))
+        batches.append(Batch(inputs, None, inputs[0] if len(inputs) == 1 else inputs))
     shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, Tensor)]
     description = (
         f"{len(batches)} random standard-normal batches shaped like example_input {shapes} "

@@ -11,8 +11,8 @@ reads the data once, and builds the estimator. Options and their defaults:
   is None); ``reuse=True`` (serve the unchanged prefix from the original run);
   ``cache_mb=2048`` (memory for recorded activations; batches beyond it are
   evaluated with a full forward).
-* ``loss``: ``metric="loss"`` or ``"accuracy"``; ``loss_fn=None`` (cross-entropy;
-  else ``loss_fn(output, label) -> mean loss``); ``reuse``, ``cache_mb`` as above.
+* ``loss``: ``metric="loss"`` or ``"accuracy"``; ``loss_fn=None``, ``seed=0``;
+  ``reuse``, ``cache_mb`` as above.
 * ``finetune``: ``steps=50``, ``optimizer="sgd"`` (or ``"adam"``, or
   ``callable(params, lr) -> Optimizer``), ``lr=0.01``, ``momentum=0.9``,
   ``weight_decay=0.0``, ``metric="accuracy"``, ``loss_fn=None``,
@@ -20,11 +20,18 @@ reads the data once, and builds the estimator. Options and their defaults:
   (see :mod:`fxmerge.importance.finetune`).
 * ``paper``: ``epochs=1``, ``lr=0.01``, ``momentum=0.9``, ``weight_decay=1e-5``,
   ``nesterov=True``, ``schedule="cos"`` (or ``"const"``), ``metric="auto"``
-  (``"accuracy"`` without ``loss_fn``, ``"loss"`` with one), ``loss_fn=None`` (else
-  ``loss_fn(model, batch) -> scalar``), ``reinit_single=True``, ``holdout_train=None``,
+  (``"accuracy"`` without ``loss_fn``, ``"loss"`` with one), ``loss_fn=None``,
+  ``reinit_single=True``, ``holdout_train=None``,
   ``holdout_val=0.5``, ``eval_data=None``, ``seed=0`` (see :mod:`fxmerge.importance.paper`
   and :mod:`fxmerge.importance.holdout`).
 * a callable: no options.
+
+``loss_fn(model, batch) -> scalar`` means the same to ``loss``, ``finetune`` and
+``paper`` (:data:`fxmerge.importance.base.BatchLoss`): the loss of one batch as
+``data=`` gives it, for a task that is not classification (the batches then need no
+labels). It trains the ``finetune`` and ``paper`` networks, and ``Δ`` becomes the
+relative change of its mean, ``−(L_entry − L_orig) / L_orig``, measured with torch's
+RNG at ``seed`` so that a loss drawing noise gives every entry the same draws.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from fxmerge.importance.paper import Paper
 from fxmerge.importance.user import UserScore
 from fxmerge.ir import SpanGraph
 
+_WITH_LOSS_FN = " Or pass loss_fn=(model, batch) -> loss with data= batches for a task without labels."
 ESTIMATORS = ("auto", "distortion", "loss", "finetune", "paper")
 METRICS = ("loss", "accuracy")
 
@@ -54,7 +62,7 @@ DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             {**_COMMON, "random_batches": 4, "seed": 0, "reuse": True, "cache_mb": 2048}
         ),
         "loss": MappingProxyType(
-            {**_COMMON, "metric": "loss", "loss_fn": None, "reuse": True, "cache_mb": 2048}
+            {**_COMMON, "metric": "loss", "loss_fn": None, "seed": 0, "reuse": True, "cache_mb": 2048}
         ),
         "finetune": MappingProxyType(
             {
@@ -123,6 +131,8 @@ def check_options(name: str, options: Mapping[str, Any], why: str = "") -> dict:
     metrics = (*METRICS, "auto") if name == "paper" else METRICS
     if "metric" in merged and merged["metric"] not in metrics:
         raise ValueError(f"metric must be one of {metrics}, got {merged['metric']!r}")
+    if merged.get("loss_fn") is not None and not callable(merged["loss_fn"]):
+        raise TypeError("loss_fn must be a callable (model, batch) -> scalar loss")
     if name == "paper":
         _check_paper(merged)
     if name == "finetune":
@@ -144,8 +154,6 @@ def _check_paper(options: Mapping[str, Any]) -> None:
         raise ValueError(f"epochs must be >= 1, got {options['epochs']!r}")
     if options["schedule"] not in ("cos", "const"):
         raise ValueError(f"schedule must be 'cos' or 'const', got {options['schedule']!r}")
-    if options["loss_fn"] is not None and not callable(options["loss_fn"]):
-        raise TypeError("loss_fn must be a callable (model, batch) -> scalar loss")
 
 
 def make_estimator(
@@ -167,8 +175,9 @@ def make_estimator(
         name = "loss" if loaded.labelled else "distortion"
         why = "data= yields (input, label) batches" if loaded.labelled else "data= has no labels"
         options = check_options(name, given, why=f"estimator='auto' chose {name!r}: {why}")
-    if name in ("loss", "finetune") and not loaded.labelled:
-        raise ValueError(needs_labels(name, captured.example_inputs, loaded))
+    user_loss = options.get("loss_fn") is not None
+    if name in ("loss", "finetune") and not loaded.labelled and not user_loss:
+        raise ValueError(needs_labels(name, captured.example_inputs, loaded) + _WITH_LOSS_FN)
     if name == "distortion":
         return Distortion(captured, span_graph, options, loaded)
     if name == "loss":
@@ -176,7 +185,7 @@ def make_estimator(
     eval_loaded = None
     if options["eval_data"] is not None:
         eval_loaded = _load(options["eval_data"], captured, options, random_batches=False)
-        if not eval_loaded.labelled:
+        if not eval_loaded.labelled and not user_loss:
             raise ValueError(
                 needs_labels("finetune", captured.example_inputs, eval_loaded, what="eval_data")
             )
@@ -187,7 +196,7 @@ def _paper(captured: Captured, span_graph: SpanGraph, data: Any, options: Mappin
     if data is None:
         raise ValueError(
             needs_labels("paper", captured.example_inputs, None)
-            + " Or pass loss_fn=(model, batch) -> loss with data= batches for a task without labels."
+            + _WITH_LOSS_FN
         )
     device = device_of(captured.example_inputs, captured.gm)
     holdout = make_holdout(

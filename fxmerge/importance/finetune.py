@@ -29,9 +29,9 @@ from typing_extensions import override
 
 from fxmerge.capture import Captured
 from fxmerge.fxutil import fetch_attr
-from fxmerge.importance.base import evaluate, signed
+from fxmerge.importance.base import evaluate, mean_batch_loss, relative_drop, seeded, signed
 from fxmerge.importance.data import Batch, Data
-from fxmerge.importance.tuning import TrainingEstimator, conv_parameters, entry_seed, seeded
+from fxmerge.importance.tuning import TrainingEstimator, conv_parameters, entry_seed
 from fxmerge.ir import Entry, SpanGraph
 
 
@@ -57,13 +57,12 @@ class Finetune(TrainingEstimator):
         )
 
     def _metric(self, model: nn.Module) -> float:
+        """The evaluation split's accuracy or cross-entropy, or the mean ``loss_fn`` (RNG at ``seed``)."""
+        if self.options["loss_fn"] is not None:
+            return mean_batch_loss(model, self.eval, self.options["loss_fn"], self.options["seed"])
         model.eval()
         with torch.no_grad():
-            return evaluate(
-                ((model(*b.inputs), b) for b in self.eval),
-                self.options["metric"],
-                self.options["loss_fn"],
-            )
+            return evaluate(((model(*b.inputs), b) for b in self.eval), self.options["metric"])
 
     @override
     def prepare(self) -> None:
@@ -100,6 +99,8 @@ class Finetune(TrainingEstimator):
             self.train(gm, itertools.islice(itertools.cycle(self.train_batches), steps), self.optimizer(gm))
             value = self._metric(gm)
         assert self.reference is not None, "prepare() first"
+        if self.options["loss_fn"] is not None:
+            return relative_drop(value, self.reference)
         return signed(self.options["metric"], value, self.reference)
 
 

@@ -49,11 +49,11 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from fxmerge.capture import Captured
-from fxmerge.importance.base import evaluate, first_tensor
+from fxmerge.importance.base import evaluate, first_tensor, seeded
 from fxmerge.importance.data import Batch, needs_labels, parse_batch
 from fxmerge.importance.entries import forced_entries
 from fxmerge.importance.holdout import Holdout, batch_size_of
-from fxmerge.importance.tuning import TrainingEstimator, entry_seed, reset_unit, seeded
+from fxmerge.importance.tuning import TrainingEstimator, entry_seed, reset_unit
 from fxmerge.ir import Entry, SpanGraph, entry_id
 from fxmerge.passes.rules import paper_table
 from fxmerge.train import cosine_schedule
@@ -113,7 +113,7 @@ class Paper(TrainingEstimator):
         model.eval()
         with seeded(int(self.options["seed"]), self.device), torch.no_grad():
             if self.metric == "accuracy":
-                return evaluate(((model(*b.inputs), b) for b in self.val_batches), "accuracy", None)
+                return evaluate(((model(*b.inputs), b) for b in self.val_batches), "accuracy")
             total = samples = 0.0
             for batch in self.val_batches:
                 size = batch.size if isinstance(batch, Batch) else batch_size_of(batch)

@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -59,18 +58,15 @@ from fxmerge.importance.keys import (
     read_delta,
     write_delta,
 )
-from fxmerge.ir import Entry, SpanGraph
+from fxmerge.ir import Entry, FrozenTable, SpanGraph, frozen_mapping
 from fxmerge.plan import PlanError
 
 FORMAT = "fxmerge.importance_table/1"
 
 
-def _frozen(mapping: Mapping | None) -> Mapping:
-    return MappingProxyType(dict(mapping or {}))
-
 
 @dataclass(frozen=True)
-class ImportanceTable:
+class ImportanceTable(FrozenTable):
     """Importance ``I = exp(Δ)`` of every entry id; ``I < 1`` is a drop, ``I == 1`` no change.
 
     ``estimator`` names how it was estimated; ``info`` holds the options, what data
@@ -84,9 +80,9 @@ class ImportanceTable:
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "entries", _frozen({str(k): float(v) for k, v in self.entries.items()})
+            self, "entries", frozen_mapping({str(k): float(v) for k, v in self.entries.items()})
         )
-        object.__setattr__(self, "info", _frozen(self.info))
+        object.__setattr__(self, "info", frozen_mapping(self.info))
 
     def __getitem__(self, entry_id: str) -> float:
         return self.entries[entry_id]

@@ -4,7 +4,7 @@ Both fine-tune each entry's network — its own copy of every parameter — with
 :func:`fxmerge.train.train_steps` (fxmerge's one training loop) and measure it
 after. They share here:
 
-* :func:`entry_seed` and :func:`seeded`: each entry trains under its own seed, a
+* :func:`entry_seed` (with :func:`~fxmerge.importance.base.seeded`): each entry trains under its own seed, a
   hash of its id, so a result does not depend on the order entries run in, nor on
   which process of a group ran it; the global RNG (and the CUDA one) is restored after;
 * :class:`TrainingEstimator`: the device, the optimizer from the options, the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.fx
@@ -44,13 +44,6 @@ def entry_seed(seed: int, entry_id: str) -> int:
     return int(seed) + int(hashlib.sha256(entry_id.encode()).hexdigest()[:8], 16)
 
 
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[torch.Generator]:
-    """Run under ``torch.manual_seed(seed)`` (the caller's RNG state restored after); yields a
-    generator on ``device`` seeded the same way."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield torch.Generator(device=device).manual_seed(seed)
 
 
 class TrainingEstimator(Estimator):
@@ -82,10 +75,10 @@ class TrainingEstimator(Estimator):
         )
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        """The training loss of one labelled batch: cross-entropy, or ``loss_fn(output, label)``."""
-        return (self.options.get("loss_fn") or F.cross_entropy)(
-            first_tensor(model(*batch.inputs)), batch.label
-        )
+        """The training loss of one batch: ``loss_fn(model, batch)``, else cross-entropy on its labels."""
+        if self.options.get("loss_fn") is not None:
+            return self.options["loss_fn"](model, batch.raw)
+        return F.cross_entropy(first_tensor(model(*batch.inputs)), batch.label)
 
     def train(self, gm: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, schedule=None) -> int:
         """Train ``gm`` on ``batches`` with :meth:`loss` (:func:`fxmerge.train.train_steps`)."""

@@ -33,7 +33,6 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -43,7 +42,7 @@ from tqdm.auto import tqdm
 from fxmerge import distributed
 from fxmerge.cache import cache_dir as resolve_cache_dir
 from fxmerge.cache import write_json
-from fxmerge.ir import ConvSpec, SpanGraph
+from fxmerge.ir import ConvSpec, FrozenTable, SpanGraph, frozen_mapping
 from fxmerge.latency.backends import LatencyBackend, resolve_backend
 from fxmerge.latency.cache import MeasurementCache, key_fields
 from fxmerge.latency.conv import conv_module, null_spec, spec_input
@@ -52,12 +51,9 @@ from fxmerge.latency.timing import Measurement
 FORMAT = "fxmerge.latency_table/1"
 
 
-def _frozen(mapping: Mapping | None) -> Mapping:
-    return MappingProxyType(dict(mapping or {}))
-
 
 @dataclass(frozen=True)
-class LatencyTable:
+class LatencyTable(FrozenTable):
     """Latency in milliseconds of every entry id, on one backend and device.
 
     ``offset_ms`` is added once to every prediction (see :func:`calibrate`);
@@ -76,8 +72,8 @@ class LatencyTable:
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "entries", _frozen({k: float(v) for k, v in self.entries.items()}))
-        object.__setattr__(self, "info", _frozen(self.info))
+        object.__setattr__(self, "entries", frozen_mapping({k: float(v) for k, v in self.entries.items()}))
+        object.__setattr__(self, "info", frozen_mapping(self.info))
 
     def __getitem__(self, entry_id: str) -> float:
         return self.entries[entry_id]
