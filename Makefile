@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check fxmerge tests benchmarks
+	$(PY) -m ruff format --check fxmerge tests benchmarks
 	$(PY) -m pytest -n 2 -q
 
 test-all: $(STAMP)
@@ -26,6 +27,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check fxmerge tests benchmarks
+	$(PY) -m ruff format --check fxmerge tests benchmarks
 
 # the benchmarks behind benchmarks/RESULTS.md; each writes benchmarks/results/<name>.json (hours: see RESULTS.md)
 bench: $(STAMP)

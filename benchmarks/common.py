@@ -49,26 +49,44 @@ def split_list(values: Sequence[str] | None) -> list[str]:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, rounds: int) -> None:
-    parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                        help="torchvision model names (space- or comma-separated)")
+    parser.add_argument(
+        "--models", nargs="+", default=None, metavar="NAME", help="torchvision model names (space- or comma-separated)"
+    )
     parser.add_argument("--size", type=int, default=None, help="input height and width (default 224; 64 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: small input, one model, few plans and rounds, temporary cache and output")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON output (default benchmarks/results/<script>.json; a temporary file with --quick)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="cache root, holding latency/ and importance/ (default: fxmerge's, ~/.cache/fxmerge "
-                             "or $FXMERGE_CACHE_DIR; a new temporary one with --quick or --fresh)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="build latency tables into a new empty cache (honest build times)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: small input, one model, few plans and rounds, temporary cache and output",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output (default benchmarks/results/<script>.json; a temporary file with --quick)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache root, holding latency/ and importance/ (default: fxmerge's, ~/.cache/fxmerge "
+        "or $FXMERGE_CACHE_DIR; a new temporary one with --quick or --fresh)",
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="build latency tables into a new empty cache (honest build times)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="backend and torch threads (default 1, for stability)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help=f"alternating timing rounds per comparison (default {rounds}; 2 with --quick)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"alternating timing rounds per comparison (default {rounds}; 2 with --quick)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
-def finish_common_arguments(args: argparse.Namespace, script: str, *, models: list[str], quick_models: list[str],
-                            rounds: int) -> argparse.Namespace:
+def finish_common_arguments(
+    args: argparse.Namespace, script: str, *, models: list[str], quick_models: list[str], rounds: int
+) -> argparse.Namespace:
     """Fill the defaults that depend on ``--quick``; make the cache and output paths."""
     args.models = split_list(args.models) or (quick_models if args.quick else models)
     if args.size is None:
@@ -233,8 +251,10 @@ def print_footer(args: argparse.Namespace, env: dict, markdown: str, wall_s: flo
     print()
     print(f"command: {env['command']}")
     print(f"json:    {args.out}")
-    print(f"wall time: {wall_s:.0f} s; {args.threads} thread(s); {env['cpu']} "
-          f"({env['physical_cores']} physical cores); load average at start {env['load_average_at_start']}")
+    print(
+        f"wall time: {wall_s:.0f} s; {args.threads} thread(s); {env['cpu']} "
+        f"({env['physical_cores']} physical cores); load average at start {env['load_average_at_start']}"
+    )
     if args.quick:
         print("QUICK SMOKE RUN: tiny settings, the numbers below are not results")
     print("\n---- markdown summary for benchmarks/RESULTS.md ----\n")

@@ -48,8 +48,9 @@ def parse(argv=None) -> argparse.Namespace:
     common.add_common_arguments(parser, rounds=7)
     parser.add_argument("--configs", nargs="+", default=None, help="MODEL@SIZE, e.g. resnet18@64")
     parser.add_argument("--targets", nargs="+", default=None, help="e.g. 70%% 60%% 50%%")
-    parser.add_argument("--threads-list", nargs="+", type=int, default=None,
-                        help="thread counts (default: 1 and the physical cores)")
+    parser.add_argument(
+        "--threads-list", nargs="+", type=int, default=None, help="thread counts (default: 1 and the physical cores)"
+    )
     args = parser.parse_args(argv)
     args = common.finish_common_arguments(args, "compress_zoo", models=["-"], quick_models=["-"], rounds=7)
     args.configs = common.split_list(args.configs) or (QUICK_CONFIGS if args.quick else CONFIGS)
@@ -97,8 +98,13 @@ def independent_ratio(original, merged, x, threads: int, rounds: int) -> dict:
         merges.append(timed[id(second)])
         ratios.append(merges[-1] / originals[-1])
     spread = float(np.percentile(ratios, 75) - np.percentile(ratios, 25)) / statistics.median(ratios)
-    return {"ratio": statistics.median(ratios), "original_ms": statistics.median(originals),
-            "merged_ms": statistics.median(merges), "ratio_iqr_rel": spread, "runs_per_block": count}
+    return {
+        "ratio": statistics.median(ratios),
+        "original_ms": statistics.median(originals),
+        "merged_ms": statistics.median(merges),
+        "ratio_iqr_rel": spread,
+        "runs_per_block": count,
+    }
 
 
 # --------------------------------------------------------------------------- one row
@@ -108,8 +114,17 @@ def run_target(model, x, original, config: str, threads: int, target: str, args)
     cache = args.cache_dir / f"{config}-t{threads}"
     started = time.perf_counter()
     try:
-        result = fxmerge.compress(model, x, target, backend="onnxruntime", threads=threads, importance="distortion",
-                                  cache_dir=cache, progress=args.progress, tolerance=TOLERANCE)
+        result = fxmerge.compress(
+            model,
+            x,
+            target,
+            backend="onnxruntime",
+            threads=threads,
+            importance="distortion",
+            cache_dir=cache,
+            progress=args.progress,
+            tolerance=TOLERANCE,
+        )
     except TargetUnreachable as error:
         row.update(status="unreachable", error=str(error), smallest=error.smallest)
         return row
@@ -121,12 +136,20 @@ def run_target(model, x, original, config: str, threads: int, target: str, args)
     asked = float(target.rstrip("%")) / 100
     stages = dict(report.stage_seconds)
     row.update(
-        status="ok", asked=asked, first_predicted_ratio=report.rounds[0].predicted_ms / report.original_ms,
-        loop_ratio=report.measured_ratio, independent=check, miss=check["ratio"] / asked - 1.0,
-        met=abs(check["ratio"] / asked - 1.0) <= TOLERANCE, loop_met=report.target_met, rounds=len(report.rounds),
-        loop_rounds=[r.__dict__ for r in report.rounds], stage_seconds=stages,
+        status="ok",
+        asked=asked,
+        first_predicted_ratio=report.rounds[0].predicted_ms / report.original_ms,
+        loop_ratio=report.measured_ratio,
+        independent=check,
+        miss=check["ratio"] / asked - 1.0,
+        met=abs(check["ratio"] / asked - 1.0) <= TOLERANCE,
+        loop_met=report.target_met,
+        rounds=len(report.rounds),
+        loop_rounds=[r.__dict__ for r in report.rounds],
+        stage_seconds=stages,
         loop_share=stages.get("solve and measure", 0.0) / row["compress_s"],
-        convs=f"{report.convs_before}→{report.convs_after}", plan=list(result.plan.entries),
+        convs=f"{report.convs_before}→{report.convs_after}",
+        plan=list(result.plan.entries),
     )
     return row
 
@@ -134,37 +157,63 @@ def run_target(model, x, original, config: str, threads: int, target: str, args)
 def line(r: dict) -> str:
     if r["status"] != "ok":
         return f"{r['config']:>20} t{r['threads']} {r['target']:>4}: {r['status']}: {r.get('error', '')}"
-    return (f"{r['config']:>20} t{r['threads']} {r['target']:>4}: first predicted {r['first_predicted_ratio']:.1%}, "
-            f"loop {r['loop_ratio']:.1%}, independent {r['independent']['ratio']:.1%} (miss {r['miss']:+.1%}), "
-            f"{r['rounds']} solve(s), compress {r['compress_s']:.0f} s (loop {r['loop_share']:.0%})")
+    return (
+        f"{r['config']:>20} t{r['threads']} {r['target']:>4}: first predicted {r['first_predicted_ratio']:.1%}, "
+        f"loop {r['loop_ratio']:.1%}, independent {r['independent']['ratio']:.1%} (miss {r['miss']:+.1%}), "
+        f"{r['rounds']} solve(s), compress {r['compress_s']:.0f} s (loop {r['loop_share']:.0%})"
+    )
 
 
 def markdown(rows: list[dict], env: dict, args) -> str:
-    header = ["model @ size", "threads", "asked", "predicted (1st solve)", "loop measured", "independent measured",
-              "miss", "solves", "compress wall (loop share)", "convs"]
+    header = [
+        "model @ size",
+        "threads",
+        "asked",
+        "predicted (1st solve)",
+        "loop measured",
+        "independent measured",
+        "miss",
+        "solves",
+        "compress wall (loop share)",
+        "convs",
+    ]
     table = []
     for r in rows:
         if r["status"] != "ok":
             table.append([r["config"], r["threads"], r["target"], "–", "–", "unreachable", "–", "–", "–", "–"])
             continue
-        table.append([
-            r["config"], r["threads"], r["target"], f"{r['first_predicted_ratio']:.1%}", f"{r['loop_ratio']:.1%}",
-            f"**{r['independent']['ratio']:.1%}**", f"{r['miss']:+.1%}", r["rounds"],
-            f"{r['compress_s']:.0f} s ({r['loop_share']:.0%})", r["convs"],
-        ])
+        table.append(
+            [
+                r["config"],
+                r["threads"],
+                r["target"],
+                f"{r['first_predicted_ratio']:.1%}",
+                f"{r['loop_ratio']:.1%}",
+                f"**{r['independent']['ratio']:.1%}**",
+                f"{r['miss']:+.1%}",
+                r["rounds"],
+                f"{r['compress_s']:.0f} s ({r['loop_share']:.0%})",
+                r["convs"],
+            ]
+        )
     ok = [r for r in rows if r["status"] == "ok"]
     met = sum(r["met"] for r in ok)
-    return "\n".join([
-        f"`{env['command']}` — onnxruntime CPU, batch 1, random weights, importance `distortion`, closed loop "
-        f"(tolerance ±{TOLERANCE:.0%}); independent check: fresh ONNX Runtime sessions of the exported models, "
-        f"spinning off, {args.rounds} interleaved block pairs; {env['cpu']}, {env['date'][:10]}, torch "
-        f"{env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime']}, load average at start "
-        f"{env['load_average_at_start']}.",
-        "",
-        common.markdown_table(header, table),
-        "",
-        f"{met} of {len(ok)} rows within ±{TOLERANCE:.0%} of the asked ratio as measured independently.",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"`{env['command']}` — onnxruntime CPU, batch 1, random weights, importance `distortion`, closed loop "
+                f"(tolerance ±{TOLERANCE:.0%}); independent check: fresh ONNX Runtime sessions of the exported models, "
+                f"spinning off, {args.rounds} interleaved block pairs; {env['cpu']}, {env['date'][:10]}, torch "
+                f"{env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime']}, load average at start "
+                f"{env['load_average_at_start']}.",
+                "",
+                common.markdown_table(header, table),
+                "",
+                f"{met} of {len(ok)} rows within ±{TOLERANCE:.0%} of the asked ratio as measured independently.",
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv=None) -> int:

@@ -49,8 +49,14 @@ CACHE = common.REPO / ".fxmerge-cache" / "ddpm_mini"
 CACHE_VERSION = 1  # bump when training changes in a way the settings below do not capture
 IMAGE_SHAPE = (1, 16, 16)
 MODEL_CONFIG = {
-    "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "attn_resolutions": (8,), "dropout": 0.1,
-    "resamp_with_conv": True, "in_channels": 1, "resolution": 16,
+    "ch": 32,
+    "ch_mult": (1, 2, 2),
+    "num_res_blocks": 1,
+    "attn_resolutions": (8,),
+    "dropout": 0.1,
+    "resamp_with_conv": True,
+    "in_channels": 1,
+    "resolution": 16,
 }
 SPLIT_SIZES = {"test": 180, "holdout_val": 180, "holdout_train": 180}  # the rest (1257) is train
 
@@ -102,8 +108,9 @@ def antithetic_timesteps(n: int, timesteps: int, generator: torch.Generator) -> 
     return torch.cat([half, timesteps - 1 - half])[:n]
 
 
-def denoise_loss(model: nn.Module, batch: torch.Tensor, generator: torch.Generator,
-                 schedule: Schedule | None = None) -> torch.Tensor:
+def denoise_loss(
+    model: nn.Module, batch: torch.Tensor, generator: torch.Generator, schedule: Schedule | None = None
+) -> torch.Tensor:
     """ε-prediction MSE of ``model`` on clean images ``batch`` (N, C, H, W) in [-1, 1].
 
     Fresh noise and antithetic timesteps come from ``generator`` (CPU), so the same
@@ -119,22 +126,30 @@ def denoise_loss(model: nn.Module, batch: torch.Tensor, generator: torch.Generat
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, *, seed: int = 1234, repeats: int = 4,
-             batch_size: int = 90, schedule: Schedule | None = None) -> float:
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    seed: int = 1234,
+    repeats: int = 4,
+    batch_size: int = 90,
+    schedule: Schedule | None = None,
+) -> float:
     """Mean :func:`denoise_loss` over ``images``, ``repeats`` passes, from a fixed seed (comparable across models)."""
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for _ in range(repeats):
         for start in range(0, images.shape[0], batch_size):
-            batch = images[start:start + batch_size]
+            batch = images[start : start + batch_size]
             total += float(denoise_loss(model, batch, generator, schedule)) * batch.shape[0]
             count += batch.shape[0]
     return total / count
 
 
 @torch.no_grad()
-def sample(model: nn.Module, n: int, seed: int, schedule: Schedule | None = None,
-           shape: tuple[int, ...] = IMAGE_SHAPE) -> torch.Tensor:
+def sample(
+    model: nn.Module, n: int, seed: int, schedule: Schedule | None = None, shape: tuple[int, ...] = IMAGE_SHAPE
+) -> torch.Tensor:
     """DDPM ancestral sampling (T model calls) from seed ``seed``: ``n`` images in [-1, 1].
 
     Each step predicts x₀ from ε, clips it to [-1, 1] and draws x_{t-1} from the
@@ -184,7 +199,7 @@ def digits_splits(seed: int = 0) -> Splits:
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed)).tolist()
     indices, start = {}, 0
     for name, size in SPLIT_SIZES.items():
-        indices[name] = tuple(order[start:start + size])
+        indices[name] = tuple(order[start : start + size])
         start += size
     indices["train"] = tuple(order[start:])
     assert len({i for index in indices.values() for i in index}) == images.shape[0], "splits overlap"
@@ -220,7 +235,7 @@ def train(images: torch.Tensor, config: TrainConfig, *, log_every: int = 100) ->
     for step in range(config.steps):
         if cursor + config.batch_size > order.numel():  # a new epoch
             order, cursor = torch.randperm(images.shape[0], generator=generator), 0
-        batch = images[order[cursor:cursor + config.batch_size]]
+        batch = images[order[cursor : cursor + config.batch_size]]
         cursor += config.batch_size
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
@@ -236,17 +251,29 @@ def train(images: torch.Tensor, config: TrainConfig, *, log_every: int = 100) ->
         losses.append(float(loss.detach()))
         if log_every and ((step + 1) % log_every == 0 or step + 1 == config.steps):
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
-            print(f"  step {step + 1:5d}/{config.steps}  loss {recent:.4f}  "
-                  f"{time.perf_counter() - started:6.1f} s", flush=True)
+            print(
+                f"  step {step + 1:5d}/{config.steps}  loss {recent:.4f}  {time.perf_counter() - started:6.1f} s",
+                flush=True,
+            )
     seconds = time.perf_counter() - started
-    tail = losses[-min(100, len(losses)):]
-    return ema, {"train_seconds": seconds, "steps": config.steps, "final_train_loss": sum(tail) / len(tail),
-                 "threads": torch.get_num_threads()}
+    tail = losses[-min(100, len(losses)) :]
+    return ema, {
+        "train_seconds": seconds,
+        "steps": config.steps,
+        "final_train_loss": sum(tail) / len(tail),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def cache_key(config: TrainConfig, data_seed: int) -> str:
-    payload = {"version": CACHE_VERSION, "model": MODEL_CONFIG, "train": asdict(config), "data_seed": data_seed,
-               "splits": SPLIT_SIZES, "image_shape": IMAGE_SHAPE}
+    payload = {
+        "version": CACHE_VERSION,
+        "model": MODEL_CONFIG,
+        "train": asdict(config),
+        "data_seed": data_seed,
+        "splits": SPLIT_SIZES,
+        "image_shape": IMAGE_SHAPE,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -264,8 +291,9 @@ def save_atomically(state: dict, path: Path) -> None:
         raise
 
 
-def trained_model(splits: Splits, config: TrainConfig, *, cache_dir: Path = CACHE, data_seed: int = 0,
-                  retrain: bool = False) -> tuple[nn.Module, dict]:
+def trained_model(
+    splits: Splits, config: TrainConfig, *, cache_dir: Path = CACHE, data_seed: int = 0, retrain: bool = False
+) -> tuple[nn.Module, dict]:
     """The cached model for these settings, trained (and cached) first when there is none."""
     key = cache_key(config, data_seed)
     weights, meta = cache_dir / f"model-{key}.pt", cache_dir / f"model-{key}.json"
@@ -273,8 +301,11 @@ def trained_model(splits: Splits, config: TrainConfig, *, cache_dir: Path = CACH
         model = build_model(config.seed).eval()
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return model, {**json.loads(meta.read_text()), "cached": True, "path": str(weights)}
-    print(f"training the DDPM ({config.steps} steps, batch {config.batch_size}, "
-          f"{torch.get_num_threads()} thread(s)); cache: {weights}", flush=True)
+    print(
+        f"training the DDPM ({config.steps} steps, batch {config.batch_size}, "
+        f"{torch.get_num_threads()} thread(s)); cache: {weights}",
+        flush=True,
+    )
     model, info = train(splits.train, config)
     save_atomically(model.state_dict(), weights)
     common.write_json(meta, {**info, "key": key, "train_config": asdict(config), "model_config": MODEL_CONFIG})
@@ -290,8 +321,7 @@ def save_grid(rows: dict[str, torch.Tensor], path: Path, *, title: str | None = 
     import matplotlib.pyplot as plt
 
     columns = max(images.shape[0] for images in rows.values())
-    fig, axes = plt.subplots(len(rows), columns, figsize=(0.9 * columns + 1.6, 0.95 * len(rows) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(0.9 * columns + 1.6, 0.95 * len(rows) + 0.4), squeeze=False)
     for r, (name, images) in enumerate(rows.items()):
         for c in range(columns):
             ax = axes[r, c]
@@ -334,11 +364,20 @@ def global_rng_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def batches(images: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [images[i:i + size] for i in range(0, images.shape[0], size)]
+    return [images[i : i + size] for i in range(0, images.shape[0], size)]
 
 
-def compress_and_finetune(model: nn.Module, splits: Splits, target: str, *, method: str, threads: int,
-                          rounds: int, cache_dir: Path, epochs: int = FINETUNE_EPOCHS) -> dict:
+def compress_and_finetune(
+    model: nn.Module,
+    splits: Splits,
+    target: str,
+    *,
+    method: str,
+    threads: int,
+    rounds: int,
+    cache_dir: Path,
+    epochs: int = FINETUNE_EPOCHS,
+) -> dict:
     """Compress ``model`` to ``target`` by ``method``, fine-tune, merge, and measure it as an outsider would.
 
     Importance is the paper estimator on the relative change of the denoising loss (one
@@ -356,9 +395,20 @@ def compress_and_finetune(model: nn.Module, splits: Splits, target: str, *, meth
     started = time.perf_counter()
     try:
         result = fxmerge.compress(
-            model, example_inputs(), target, method=method, backend="onnxruntime", threads=threads, rules="paper",
-            importance="paper", data=batches(splits.holdout_train, 30), eval_data=batches(splits.holdout_val, 30),
-            loss_fn=global_rng_loss, lr=1e-3, cache_dir=cache_dir, progress=False,
+            model,
+            example_inputs(),
+            target,
+            method=method,
+            backend="onnxruntime",
+            threads=threads,
+            rules="paper",
+            importance="paper",
+            data=batches(splits.holdout_train, 30),
+            eval_data=batches(splits.holdout_val, 30),
+            loss_fn=global_rng_loss,
+            lr=1e-3,
+            cache_dir=cache_dir,
+            progress=False,
         )
     except InfeasibleBudget as exc:
         return {"method": method, "target": target, "feasible": False, "why": str(exc).splitlines()[0]}
@@ -366,8 +416,16 @@ def compress_and_finetune(model: nn.Module, splits: Splits, target: str, *, meth
     linearized = result.model.eval()
     before = evaluate(linearized, splits.test)
     torch.manual_seed(0)
-    finetune(linearized, batches(splits.train, 32), epochs=epochs, lr=FINETUNE_LR, optimizer="adamw",
-             weight_decay=0.0, loss_fn=global_rng_loss, progress=False)
+    finetune(
+        linearized,
+        batches(splits.train, 32),
+        epochs=epochs,
+        lr=FINETUNE_LR,
+        optimizer="adamw",
+        weight_decay=0.0,
+        loss_fn=global_rng_loss,
+        progress=False,
+    )
     merged = result.merge().eval()
     x, t = torch.randn(4, *IMAGE_SHAPE), torch.tensor([3, 250, 600, 999])
     with torch.no_grad():
@@ -375,14 +433,23 @@ def compress_and_finetune(model: nn.Module, splits: Splits, target: str, *, meth
     rel_error = float((output - reference).abs().max() / reference.abs().max())
     speed = report.measure_speedup(fold_batchnorm(model), merged, example_inputs(), threads=threads, rounds=rounds)
     return {
-        "method": method, "target": target, "feasible": True, "speed": speed,
-        "loop": {"predicted_ms": result.report.predicted_ms, "measured_ratio": result.report.measured_ratio,
-                 "target_met": result.report.target_met},
+        "method": method,
+        "target": target,
+        "feasible": True,
+        "speed": speed,
+        "loop": {
+            "predicted_ms": result.report.predicted_ms,
+            "measured_ratio": result.report.measured_ratio,
+            "target_met": result.report.target_met,
+        },
         "convs": [result.report.convs_before, result.report.convs_after],
         "activations_removed": result.report.activations_removed,
-        "test_loss_before_finetune": before, "test_loss": evaluate(merged, splits.test),
-        "merged_vs_linearized_rel_error": rel_error, "compress_seconds": compressed_s,
-        "seconds": time.perf_counter() - started, "model": merged,
+        "test_loss_before_finetune": before,
+        "test_loss": evaluate(merged, splits.test),
+        "merged_vs_linearized_rel_error": rel_error,
+        "compress_seconds": compressed_s,
+        "seconds": time.perf_counter() - started,
+        "model": merged,
     }
 
 
@@ -398,32 +465,59 @@ def results_table(original_loss: float, cells: list[dict]) -> str:
             rows.append([cell["method"], cell["target"], "infeasible", "", "", "", "", ""])
             continue
         speed = cell["speed"]
-        rows.append([
-            cell["method"], cell["target"], f"{speed['speedup']:.2f}× [{speed['speedup_q1']:.2f}, "
-            f"{speed['speedup_q3']:.2f}]", f"{cell['loop']['measured_ratio']:.1%}",
-            f"{cell['convs'][0]} → {cell['convs'][1]}", f"{cell['test_loss_before_finetune']:.4f}",
-            f"{cell['test_loss']:.4f}", f"{cell['merged_vs_linearized_rel_error']:.1e}",
-        ])
-    header = ["method", "target", "measured speed-up (IQR)", "loop: merged/original", "convs",
-              "test loss before FT", f"test loss after FT (original {original_loss:.4f})", "merge rel. error"]
+        rows.append(
+            [
+                cell["method"],
+                cell["target"],
+                f"{speed['speedup']:.2f}× [{speed['speedup_q1']:.2f}, {speed['speedup_q3']:.2f}]",
+                f"{cell['loop']['measured_ratio']:.1%}",
+                f"{cell['convs'][0]} → {cell['convs'][1]}",
+                f"{cell['test_loss_before_finetune']:.4f}",
+                f"{cell['test_loss']:.4f}",
+                f"{cell['merged_vs_linearized_rel_error']:.1e}",
+            ]
+        )
+    header = [
+        "method",
+        "target",
+        "measured speed-up (IQR)",
+        "loop: merged/original",
+        "convs",
+        "test loss before FT",
+        f"test loss after FT (original {original_loss:.4f})",
+        "merge rel. error",
+    ]
     return common.markdown_table(header, rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 300 training steps, 6 samples, output in a temporary directory")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 300 training steps, 6 samples, output in a temporary directory",
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 2500; 300 with --quick)")
     parser.add_argument("--samples", type=int, default=None, help="samples per grid row (default 12; 6 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every row")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--retrain", action="store_true", help="train even when a cached model exists")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 10; 3 with --quick)")
-    parser.add_argument("--finetune-epochs", type=int, default=None,
-                        help=f"fine-tuning epochs per compressed model (default {FINETUNE_EPOCHS}; 1 with --quick)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds (default 10; 3 with --quick)"
+    )
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=None,
+        help=f"fine-tuning epochs per compressed model (default {FINETUNE_EPOCHS}; 1 with --quick)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=CACHE, help=f"model cache (default {CACHE})")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where the JSON and the PNG go (default benchmarks/results; a temporary one with --quick)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where the JSON and the PNG go (default benchmarks/results; a temporary one with --quick)",
+    )
     args = parser.parse_args(argv)
     base = QUICK_TRAIN if args.quick else FULL_TRAIN
     args.train = TrainConfig(**{**asdict(base), "steps": args.steps or base.steps})
@@ -443,33 +537,57 @@ def main(argv: list[str] | None = None) -> int:
     splits = digits_splits()
     model, info = trained_model(splits, args.train, cache_dir=args.cache_dir, retrain=args.retrain)
     original_losses = {name: evaluate(model, getattr(splits, name)) for name in ("holdout_val", "test")}
-    print(f"denoising loss of the original: holdout_val {original_losses['holdout_val']:.4f}, "
-          f"test {original_losses['test']:.4f}", flush=True)
+    print(
+        f"denoising loss of the original: holdout_val {original_losses['holdout_val']:.4f}, "
+        f"test {original_losses['test']:.4f}",
+        flush=True,
+    )
     rows = {"original": sample(model, args.samples, args.seed)}
     cells = []
     for target in args.targets:
         for method in METHODS:
             print(f"compressing: {method} at {target} ...", flush=True)
-            cell = compress_and_finetune(model, splits, target, method=method, threads=args.threads,
-                                         rounds=args.rounds, cache_dir=args.cache_dir / "fxmerge",
-                                         epochs=args.finetune_epochs)
+            cell = compress_and_finetune(
+                model,
+                splits,
+                target,
+                method=method,
+                threads=args.threads,
+                rounds=args.rounds,
+                cache_dir=args.cache_dir / "fxmerge",
+                epochs=args.finetune_epochs,
+            )
             if cell["feasible"]:
                 rows[f"{method} {target}"] = sample(cell.pop("model"), args.samples, args.seed)
-                print(f"  {cell['speed']['speedup']:.2f}× measured, test loss {cell['test_loss_before_finetune']:.4f}"
-                      f" → {cell['test_loss']:.4f} after fine-tuning ({cell['seconds']:.0f} s)", flush=True)
+                print(
+                    f"  {cell['speed']['speedup']:.2f}× measured, test loss {cell['test_loss_before_finetune']:.4f}"
+                    f" → {cell['test_loss']:.4f} after fine-tuning ({cell['seconds']:.0f} s)",
+                    flush=True,
+                )
             else:
                 print(f"  infeasible: {cell['why']}", flush=True)
             cells.append(cell)
     name = "ddpm_mini_quick" if args.quick else "ddpm_mini"
-    grid = save_grid(rows, args.out_dir / f"{name}_samples.png",
-                     title=f"DDPM on digits: samples from seed {args.seed}, one row per model")
+    grid = save_grid(
+        rows,
+        args.out_dir / f"{name}_samples.png",
+        title=f"DDPM on digits: samples from seed {args.seed}, one row per model",
+    )
     table = results_table(original_losses["test"], cells)
     result = {
-        "command": common.command_line(), "quick": args.quick, "threads": args.threads,
-        "model_config": MODEL_CONFIG, "train_config": asdict(args.train), "training": info,
-        "splits": splits.sizes(), "denoise_loss": {"original": original_losses},
+        "command": common.command_line(),
+        "quick": args.quick,
+        "threads": args.threads,
+        "model_config": MODEL_CONFIG,
+        "train_config": asdict(args.train),
+        "training": info,
+        "splits": splits.sizes(),
+        "denoise_loss": {"original": original_losses},
         "finetune": {"epochs": args.finetune_epochs, "lr": FINETUNE_LR, "optimizer": "adamw", "batch_size": 32},
-        "cells": cells, "grid": str(grid), "table": table, "wall_seconds": time.perf_counter() - started,
+        "cells": cells,
+        "grid": str(grid),
+        "table": table,
+        "wall_seconds": time.perf_counter() - started,
     }
     out = common.write_json(args.out_dir / f"{name}.json", result)
     print(f"\n{table}\n\ngrid: {grid}\njson: {out}\nwall: {result['wall_seconds']:.0f} s")

@@ -98,8 +98,16 @@ def build(captured, span_graph, data, cache: Path, holdout: int) -> dict:
     from fxmerge.importance import build_importance_table
 
     table = build_importance_table(
-        captured, span_graph, "paper", data=data, cache_dir=cache, progress=False,
-        holdout_train=holdout, holdout_val=holdout, batch_size=32, lr=0.05,
+        captured,
+        span_graph,
+        "paper",
+        data=data,
+        cache_dir=cache,
+        progress=False,
+        holdout_train=holdout,
+        holdout_val=holdout,
+        batch_size=32,
+        lr=0.05,
     )
     return dict(table.entries), dict(table.info)
 
@@ -112,8 +120,15 @@ def one_process(args: argparse.Namespace, threads: int, cache: Path) -> dict:
     started = time.perf_counter()
     entries, info = build(captured, span_graph, data, cache, args.holdout)
     seconds = time.perf_counter() - started
-    return {"processes": 1, "threads": threads, "seconds": seconds, "entries": entries,
-            "evaluated": info["evaluated"], "load_before": load, "load_after": os.getloadavg()}
+    return {
+        "processes": 1,
+        "threads": threads,
+        "seconds": seconds,
+        "entries": entries,
+        "evaluated": info["evaluated"],
+        "load_before": load,
+        "load_after": os.getloadavg(),
+    }
 
 
 def _worker(rank: int, root: str, samples: int, holdout: int) -> None:
@@ -144,8 +159,15 @@ def two_processes(args: argparse.Namespace, root: Path) -> dict:
     total = time.perf_counter() - started
     result = json.loads((root / "result.json").read_text())
     seconds = max(r["seconds"] for r in result["ranks"])
-    return {"processes": 2, "threads": 1, "seconds": seconds, "with_startup_seconds": total, **result,
-            "load_before": load, "load_after": os.getloadavg()}
+    return {
+        "processes": 2,
+        "threads": 1,
+        "seconds": seconds,
+        "with_startup_seconds": total,
+        **result,
+        "load_before": load,
+        "load_after": os.getloadavg(),
+    }
 
 
 # --------------------------------------------------------------------------- output
@@ -153,11 +175,15 @@ def summary(runs: list[dict], baseline: dict, entries: int) -> str:
     rows = []
     for run in runs:
         diff = max(abs(run["entries"][k] - baseline["entries"][k]) for k in baseline["entries"])
-        rows.append((
-            f"{run['processes']} × {run['threads']}", f"{run['seconds']:.1f}",
-            f"{baseline['seconds'] / run['seconds']:.2f}×", "identical" if diff == 0 else f"max |ΔI| {diff:.1e}",
-            f"{run['load_before'][0]:.2f} → {run['load_after'][0]:.2f}",
-        ))
+        rows.append(
+            (
+                f"{run['processes']} × {run['threads']}",
+                f"{run['seconds']:.1f}",
+                f"{baseline['seconds'] / run['seconds']:.2f}×",
+                "identical" if diff == 0 else f"max |ΔI| {diff:.1e}",
+                f"{run['load_before'][0]:.2f} → {run['load_after'][0]:.2f}",
+            )
+        )
     header = ("processes × threads", "importance stage (s)", "speed-up", "table vs 1 × 1", "load average (1 min)")
     return f"{entries} entries evaluated\n\n" + common.markdown_table(header, rows)
 
@@ -165,14 +191,25 @@ def summary(runs: list[dict], baseline: dict, entries: int) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small splits, temporary output")
-    parser.add_argument("--holdout", type=int, default=None, help="images in holdout-train and in holdout-val (default 256; 32 with --quick)")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default benchmarks/results/{SCRIPT}.json)")
+    parser.add_argument(
+        "--holdout",
+        type=int,
+        default=None,
+        help="images in holdout-train and in holdout-val (default 256; 32 with --quick)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"JSON output (default benchmarks/results/{SCRIPT}.json)"
+    )
     args = parser.parse_args(argv)
     if args.holdout is None:
         args.holdout = 32 if args.quick else 256
     args.samples = 2 * args.holdout
     if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix=f"fxmerge-{SCRIPT}-")) / f"{SCRIPT}.json" if args.quick else common.RESULTS / f"{SCRIPT}.json"
+        args.out = (
+            Path(tempfile.mkdtemp(prefix=f"fxmerge-{SCRIPT}-")) / f"{SCRIPT}.json"
+            if args.quick
+            else common.RESULTS / f"{SCRIPT}.json"
+        )
     return args
 
 
@@ -180,16 +217,28 @@ def main(argv: list[str] | None = None) -> int:
     from fxmerge.latency.timing import cpu_name, physical_cores
 
     args = parse_args(argv)
-    env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "load_average_at_start": os.getloadavg(),
-           "cpu": cpu_name(), "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
-           "torch": torch.__version__, "command": common.command_line(), "quick": args.quick,
-           "holdout_train": args.holdout, "holdout_val": args.holdout, "estimator": "paper", "backend": "gloo"}
+    env = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_average_at_start": os.getloadavg(),
+        "cpu": cpu_name(),
+        "physical_cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "command": common.command_line(),
+        "quick": args.quick,
+        "holdout_train": args.holdout,
+        "holdout_val": args.holdout,
+        "estimator": "paper",
+        "backend": "gloo",
+    }
     work = Path(tempfile.mkdtemp(prefix=f"fxmerge-{SCRIPT}-"))
     baseline = one_process(args, 1, work / "cache-1x1")
     print(f"1 process × 1 thread: {baseline['seconds']:.1f} s", flush=True)
     two = two_processes(args, work / "2x1")
-    print(f"2 processes × 1 thread: {two['seconds']:.1f} s ({two['with_startup_seconds']:.1f} s with start-up)", flush=True)
+    print(
+        f"2 processes × 1 thread: {two['seconds']:.1f} s ({two['with_startup_seconds']:.1f} s with start-up)",
+        flush=True,
+    )
     threads = one_process(args, 2, work / "cache-1x2")
     print(f"1 process × 2 threads: {threads['seconds']:.1f} s", flush=True)
     runs = [baseline, two, threads]

@@ -50,8 +50,14 @@ CHILD = textwrap.dedent("""
 
 def run(tree: Path, model: str, size: int, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", CHILD, model, str(size), str(threads)], env=env,
-                         capture_output=True, text=True, check=True, cwd=tree)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, model, str(size), str(threads)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tree,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -65,9 +71,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=common.RESULTS / "importance_speed.json")
     args = parser.parse_args(argv)
     current = Path(__file__).resolve().parent.parent
-    env = common.environment(argparse.Namespace(
-        threads=args.threads, quick=False, size=args.size, rounds=args.repeats, timing={}, cache_dir="off",
-        cache_kind="off"))
+    env = common.environment(
+        argparse.Namespace(
+            threads=args.threads,
+            quick=False,
+            size=args.size,
+            rounds=args.repeats,
+            timing={},
+            cache_dir="off",
+            cache_kind="off",
+        )
+    )
     rows = []
     for model in args.models:
         times: dict[str, list[float]] = {"baseline": [], "current": []}
@@ -78,17 +92,33 @@ def main(argv=None) -> int:
                 times[label].append(result["seconds"])
                 entries[label] = result["entries"]
                 print(f"{model} {label}: {result['seconds']:.1f} s ({result['entries']} entries)", flush=True)
-        row = {"model": model, "entries": entries, "seconds": times,
-               "baseline_s": statistics.median(times["baseline"]), "current_s": statistics.median(times["current"])}
+        row = {
+            "model": model,
+            "entries": entries,
+            "seconds": times,
+            "baseline_s": statistics.median(times["baseline"]),
+            "current_s": statistics.median(times["current"]),
+        }
         row["speedup"] = row["baseline_s"] / row["current_s"]
         rows.append(row)
         common.write_json(args.out, {"benchmark": "importance_speed", "environment": env, "results": rows})
     table = common.markdown_table(
         ["model", "entries (before / now)", "before (s)", "now (s)", "speed-up"],
-        [[r["model"], f"{r['entries']['baseline']} / {r['entries']['current']}", f"{r['baseline_s']:.1f}",
-          f"{r['current_s']:.1f}", f"**{r['speedup']:.2f}×**"] for r in rows])
-    print(f"\n`{env['command']}` — {env['cpu']}, {args.threads} thread(s), {args.repeats} alternating runs each, "
-          f"load average at start {env['load_average_at_start']}\n\n{table}")
+        [
+            [
+                r["model"],
+                f"{r['entries']['baseline']} / {r['entries']['current']}",
+                f"{r['baseline_s']:.1f}",
+                f"{r['current_s']:.1f}",
+                f"**{r['speedup']:.2f}×**",
+            ]
+            for r in rows
+        ],
+    )
+    print(
+        f"\n`{env['command']}` — {env['cpu']}, {args.threads} thread(s), {args.repeats} alternating runs each, "
+        f"load average at start {env['load_average_at_start']}\n\n{table}"
+    )
     return 0
 
 

@@ -55,8 +55,10 @@ def parse(argv=None) -> argparse.Namespace:
 
 def plans_of(span_graph, table, scores, random_plans: int) -> list[tuple[str, Plan]]:
     original = float(table.original_ms)
-    plans = [(f"solver {p:.0%}", _solve_at(span_graph, table, scores, p * original, "layermerge", 2000))
-             for p in (0.7, 0.6, 0.5)]
+    plans = [
+        (f"solver {p:.0%}", _solve_at(span_graph, table, scores, p * original, "layermerge", 2000))
+        for p in (0.7, 0.6, 0.5)
+    ]
     plans += [(f"random {k}", Plan.random(span_graph, seed=k)) for k in range(random_plans)]
     return plans
 
@@ -70,9 +72,16 @@ def measure_plans(captured, span_graph, plans, comparator) -> list[dict]:
     for label, plan in plans:
         merged = fxmerge.merge(linearize(captured, span_graph, plan, share_parameters=True))
         result = comparator.compare(merged)
-        rows.append({"plan": label, "entries": list(plan.entries), "convs": len(plan.entries),
-                     "measured_ratio": result.ratio, "rel_error": result.rel_error,
-                     "measured": Measured(result.reference_ms, result.candidate_ms, result.ratio, result.rel_error)})
+        rows.append(
+            {
+                "plan": label,
+                "entries": list(plan.entries),
+                "convs": len(plan.entries),
+                "measured_ratio": result.ratio,
+                "rel_error": result.rel_error,
+                "measured": Measured(result.reference_ms, result.candidate_ms, result.ratio, result.rel_error),
+            }
+        )
     return rows
 
 
@@ -86,8 +95,9 @@ def analyse(config: str, args) -> dict:
     table = build_latency_table(span_graph, backend, cache_dir=args.cache_dir / "latency", progress=args.progress)
     keep_all = Plan.keep_all(span_graph).entries
     table = calibrate(table, folded, x, keep_all, backend)
-    scores = build_importance_table(captured, span_graph, "distortion", cache_dir=args.cache_dir / "importance",
-                                    progress=args.progress)
+    scores = build_importance_table(
+        captured, span_graph, "distortion", cache_dir=args.cache_dir / "importance", progress=args.progress
+    )
     comparator = Comparator(folded, x, backend, min_rounds=args.rounds, max_rounds=args.rounds + 4)
     rows = measure_plans(captured, span_graph, plans_of(span_graph, table, scores, args.random), comparator)
     original = float(table.original_ms)
@@ -103,9 +113,15 @@ def analyse(config: str, args) -> dict:
     for row in rows:
         row["corrected_ratio"] = plan_latency(Plan.from_entries(span_graph, row["entries"]), corrected) / original
         del row["measured"]
-    return {"config": config, "keep_all_convs": len(keep_all), "original_ms": original, "offset_ms": table.offset_ms,
-            "entries_sum_ms": sum(table.entries[e] for e in keep_all),
-            "beta_fitted_ms": corrected.info["context_cost"]["per_entry_ms"], "plans": rows}
+    return {
+        "config": config,
+        "keep_all_convs": len(keep_all),
+        "original_ms": original,
+        "offset_ms": table.offset_ms,
+        "entries_sum_ms": sum(table.entries[e] for e in keep_all),
+        "beta_fitted_ms": corrected.info["context_cost"]["per_entry_ms"],
+        "plans": rows,
+    }
 
 
 def _error(predicted: float, measured: float) -> float:
@@ -113,18 +129,41 @@ def _error(predicted: float, measured: float) -> float:
 
 
 def markdown(results: list[dict], env: dict) -> str:
-    lines = [f"`{env['command']}` — onnxruntime CPU, batch 1, {env['cpu']}, {env['date'][:10]}, load average at start "
-             f"{env['load_average_at_start']}.", ""]
-    header = ["plan", "convs", "measured ratio", "predicted (table)", "error", "β from this plan (µs/conv)",
-              "predicted (corrected, β fitted on solver 70%)", "error"]
+    lines = [
+        f"`{env['command']}` — onnxruntime CPU, batch 1, {env['cpu']}, {env['date'][:10]}, load average at start "
+        f"{env['load_average_at_start']}.",
+        "",
+    ]
+    header = [
+        "plan",
+        "convs",
+        "measured ratio",
+        "predicted (table)",
+        "error",
+        "β from this plan (µs/conv)",
+        "predicted (corrected, β fitted on solver 70%)",
+        "error",
+    ]
     for result in results:
-        lines += [f"**{result['config']}**: {result['keep_all_convs']} convs, original {result['original_ms']:.3f} ms, "
-                  f"entries sum {result['entries_sum_ms']:.3f} ms, offset {result['offset_ms']:.3f} ms, fitted β "
-                  f"{result['beta_fitted_ms'] * 1e3:+.1f} µs per conv.", ""]
-        rows = [[r["plan"], r["convs"], f"{r['measured_ratio']:.1%}", f"{r['predicted_ratio']:.1%}",
-                 f"{_error(r['predicted_ratio'], r['measured_ratio']):+.1%}",
-                 "–" if r["beta_ms"] is None else f"{r['beta_ms'] * 1e3:+.1f}", f"{r['corrected_ratio']:.1%}",
-                 f"{_error(r['corrected_ratio'], r['measured_ratio']):+.1%}"] for r in result["plans"]]
+        lines += [
+            f"**{result['config']}**: {result['keep_all_convs']} convs, original {result['original_ms']:.3f} ms, "
+            f"entries sum {result['entries_sum_ms']:.3f} ms, offset {result['offset_ms']:.3f} ms, fitted β "
+            f"{result['beta_fitted_ms'] * 1e3:+.1f} µs per conv.",
+            "",
+        ]
+        rows = [
+            [
+                r["plan"],
+                r["convs"],
+                f"{r['measured_ratio']:.1%}",
+                f"{r['predicted_ratio']:.1%}",
+                f"{_error(r['predicted_ratio'], r['measured_ratio']):+.1%}",
+                "–" if r["beta_ms"] is None else f"{r['beta_ms'] * 1e3:+.1f}",
+                f"{r['corrected_ratio']:.1%}",
+                f"{_error(r['corrected_ratio'], r['measured_ratio']):+.1%}",
+            ]
+            for r in result["plans"]
+        ]
         lines += [common.markdown_table(header, rows), ""]
         others = [r for r in result["plans"] if r["plan"] != "solver 70%"]
         before = statistics.mean(abs(_error(r["predicted_ratio"], r["measured_ratio"])) for r in others)

@@ -57,8 +57,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--plans", type=int, default=None, help="random plans per model (default 5; 1 with --quick)")
     parser.add_argument("--backends", nargs="+", default=None, help=f"default: {' '.join(BACKENDS)}")
     args = parser.parse_args(argv)
-    args = common.finish_common_arguments(args, "latency_model", models=MODELS, quick_models=QUICK_MODELS,
-                                          rounds=ROUNDS)
+    args = common.finish_common_arguments(
+        args, "latency_model", models=MODELS, quick_models=QUICK_MODELS, rounds=ROUNDS
+    )
     if args.plans is None:
         args.plans = 1 if args.quick else 5
     args.backends = common.split_list(args.backends) or BACKENDS
@@ -121,28 +122,41 @@ def run_model(name: str, args: argparse.Namespace, bar: tqdm) -> list[dict]:
             predicted_folded = on_folded.predict(plan.entries)
             predicted_ratio = predicted_folded / on_folded.original_ms
             measured_ratio = merged_ms / original_ms
-            rows.append({
-                **info,
-                "entries_ms": predicted - as_compress.offset_ms,
-                "predicted_ms": predicted,
-                "predicted_folded_ms": predicted_folded,
-                "measured_ms": merged_ms,
-                "original_folded_measured_ms": original_ms,
-                "err_pct": percent(predicted, merged_ms),
-                "err_folded_pct": percent(predicted_folded, merged_ms),
-                "predicted_ratio": predicted_ratio,
-                "measured_ratio": measured_ratio,
-                "ratio_err_pct": percent(predicted_ratio, measured_ratio),
-            })
+            rows.append(
+                {
+                    **info,
+                    "entries_ms": predicted - as_compress.offset_ms,
+                    "predicted_ms": predicted,
+                    "predicted_folded_ms": predicted_folded,
+                    "measured_ms": merged_ms,
+                    "original_folded_measured_ms": original_ms,
+                    "err_pct": percent(predicted, merged_ms),
+                    "err_folded_pct": percent(predicted_folded, merged_ms),
+                    "predicted_ratio": predicted_ratio,
+                    "measured_ratio": measured_ratio,
+                    "ratio_err_pct": percent(predicted_ratio, measured_ratio),
+                }
+            )
             bar.update()
         measure_s = time.perf_counter() - started
-        results.append(summarise(name, backend, sg, table, as_compress, on_folded, rows, {
-            "analyze_s": t_analyze.seconds,
-            "linearize_merge_s": t_build.seconds,
-            "table_build_s": t_table.seconds,
-            "calibrate_s": t_calibrate.seconds,
-            "plan_measurements_s": measure_s,
-        }))
+        results.append(
+            summarise(
+                name,
+                backend,
+                sg,
+                table,
+                as_compress,
+                on_folded,
+                rows,
+                {
+                    "analyze_s": t_analyze.seconds,
+                    "linearize_merge_s": t_build.seconds,
+                    "table_build_s": t_table.seconds,
+                    "calibrate_s": t_calibrate.seconds,
+                    "plan_measurements_s": measure_s,
+                },
+            )
+        )
         tqdm.write(line(results[-1]))
     return results
 
@@ -152,7 +166,8 @@ def summarise(name, backend, sg, table, as_compress, on_folded, rows, seconds) -
         values = [abs(r[key]) for r in rows]
         random_only = [abs(r[key]) for r in rows if r["plan"] != "keep_all"]
         return {
-            "mean_abs": statistics.fmean(values), "worst_abs": max(values),
+            "mean_abs": statistics.fmean(values),
+            "worst_abs": max(values),
             "random_plans_mean_abs": statistics.fmean(random_only) if random_only else None,
         }
 
@@ -204,25 +219,42 @@ def issue_check(results: list[dict], size: int) -> dict | None:
                 verdict = f"built at {size}×{size}, the issue's limit is for 224×224"
             else:
                 verdict = "PASS (under 10 minutes)" if seconds < ISSUE_LIMIT_S else "FAIL (10 minutes or more)"
-            return {"seconds": seconds, "measured": r["measured"], "cached": r["cached"], "size": size,
-                    "threads": r["threads"], "verdict": verdict}
+            return {
+                "seconds": seconds,
+                "measured": r["measured"],
+                "cached": r["cached"],
+                "size": size,
+                "threads": r["threads"],
+                "verdict": verdict,
+            }
     return None
 
 
 def markdown(results: list[dict], args, env: dict, check: dict | None) -> str:
-    header = ["model", "backend", "entries / distinct convs", "table build", "offset (ms)",
-              f"\\|err\\| mean / worst ({args.plans + 1} plans)", "folded calibration", "ratio \\|err\\|"]
+    header = [
+        "model",
+        "backend",
+        "entries / distinct convs",
+        "table build",
+        "offset (ms)",
+        f"\\|err\\| mean / worst ({args.plans + 1} plans)",
+        "folded calibration",
+        "ratio \\|err\\|",
+    ]
     rows = []
     for r in results:
-        rows.append([
-            r["model"], r["backend"],
-            f"{r['table_entries']} / {r['distinct_measurements']} ({r['dedup_ratio']:.1f}×)",
-            f"{r['seconds']['table_build_s']:.0f} s" + ("" if r["cached"] == 0 else f" ({r['cached']} cached)"),
-            f"{r['offset_ms']:.2f}",
-            f"{r['err_pct']['mean_abs']:.1f}% / {r['err_pct']['worst_abs']:.1f}%",
-            f"{r['err_folded_pct']['mean_abs']:.1f}% / {r['err_folded_pct']['worst_abs']:.1f}%",
-            f"{r['ratio_err_pct']['mean_abs']:.1f}% / {r['ratio_err_pct']['worst_abs']:.1f}%",
-        ])
+        rows.append(
+            [
+                r["model"],
+                r["backend"],
+                f"{r['table_entries']} / {r['distinct_measurements']} ({r['dedup_ratio']:.1f}×)",
+                f"{r['seconds']['table_build_s']:.0f} s" + ("" if r["cached"] == 0 else f" ({r['cached']} cached)"),
+                f"{r['offset_ms']:.2f}",
+                f"{r['err_pct']['mean_abs']:.1f}% / {r['err_pct']['worst_abs']:.1f}%",
+                f"{r['err_folded_pct']['mean_abs']:.1f}% / {r['err_folded_pct']['worst_abs']:.1f}%",
+                f"{r['ratio_err_pct']['mean_abs']:.1f}% / {r['ratio_err_pct']['worst_abs']:.1f}%",
+            ]
+        )
     text = [
         "## Latency model (issue #5)",
         "",
@@ -240,8 +272,11 @@ def markdown(results: list[dict], args, env: dict, check: dict | None) -> str:
         "Ratio: predicted vs measured merged/original ratio (side by side, immune to drift).",
     ]
     if check is not None:
-        text += ["", f"resnet34 onnxruntime latency table build: **{check['seconds']:.0f} s** "
-                     f"({check['measured']} convs measured, {check['threads']} thread(s)) — {check['verdict']}."]
+        text += [
+            "",
+            f"resnet34 onnxruntime latency table build: **{check['seconds']:.0f} s** "
+            f"({check['measured']} convs measured, {check['threads']} thread(s)) — {check['verdict']}.",
+        ]
     return "\n".join(text) + "\n"
 
 
@@ -249,9 +284,11 @@ def main(argv=None) -> int:
     args = parse(argv)
     env = common.environment(args)
     started = time.perf_counter()
-    print(f"latency model: {', '.join(args.models)} × {', '.join(args.backends)} at 1×3×{args.size}×{args.size}, "
-          f"{args.plans} random plans + keep-all, {args.rounds} rounds, {args.threads} thread(s), "
-          f"cache {args.cache_dir} ({args.cache_kind})")
+    print(
+        f"latency model: {', '.join(args.models)} × {', '.join(args.backends)} at 1×3×{args.size}×{args.size}, "
+        f"{args.plans} random plans + keep-all, {args.rounds} rounds, {args.threads} thread(s), "
+        f"cache {args.cache_dir} ({args.cache_kind})"
+    )
     total = len(args.models) * len(args.backends) * (args.plans + 1)
     results: list[dict] = []
     data = {"benchmark": "latency_model", "environment": env, "results": results}
@@ -265,9 +302,11 @@ def main(argv=None) -> int:
     common.write_json(args.out, data)
     if check is not None:
         print("\n" + "=" * 78)
-        print(f"resnet34 onnxruntime latency table build: {check['seconds']:.1f} s "
-              f"({check['seconds'] / 60:.1f} min; {check['measured']} measured, {check['cached']} cached, "
-              f"{check['size']}×{check['size']}, {check['threads']} thread(s)) — {check['verdict']}")
+        print(
+            f"resnet34 onnxruntime latency table build: {check['seconds']:.1f} s "
+            f"({check['seconds'] / 60:.1f} min; {check['measured']} measured, {check['cached']} cached, "
+            f"{check['size']}×{check['size']}, {check['threads']} thread(s)) — {check['verdict']}"
+        )
         print("=" * 78)
     common.print_footer(args, env, markdown(results, args, env, check), data["wall_s"])
     return 0

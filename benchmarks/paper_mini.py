@@ -93,18 +93,29 @@ QUICK = Settings(
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_arguments(parser, rounds=ROUNDS)
-    parser.add_argument("--targets", nargs="+", default=None,
-                        help="latency targets for every model, e.g. 90%% 80%% (default: per model, see FULL)")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=None,
+        help="latency targets for every model, e.g. 90%% 80%% (default: per model, see FULL)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 3; 1 with --quick)")
-    parser.add_argument("--importance", choices=("paper", "finetune"), default=IMPORTANCE,
-                        help=f"importance estimator (default {IMPORTANCE})")
-    parser.add_argument("--model-cache", type=Path, default=None,
-                        help=f"trained models and rendered data (default {MODEL_CACHE}; temporary with --quick)")
+    parser.add_argument(
+        "--importance",
+        choices=("paper", "finetune"),
+        default=IMPORTANCE,
+        help=f"importance estimator (default {IMPORTANCE})",
+    )
+    parser.add_argument(
+        "--model-cache",
+        type=Path,
+        default=None,
+        help=f"trained models and rendered data (default {MODEL_CACHE}; temporary with --quick)",
+    )
     args = parser.parse_args(argv)
     if args.size not in (None, SIZE):
         raise SystemExit(f"the networks take {SIZE}×{SIZE} inputs; leave out --size")
-    args = common.finish_common_arguments(args, "paper_mini", models=MODELS, quick_models=QUICK_MODELS,
-                                          rounds=ROUNDS)
+    args = common.finish_common_arguments(args, "paper_mini", models=MODELS, quick_models=QUICK_MODELS, rounds=ROUNDS)
     args.size = SIZE
     unknown = sorted(set(args.models) - set(models.ARCHITECTURES))
     if unknown:
@@ -158,13 +169,21 @@ def original_facts(model, folded, data, example, settings: Settings) -> dict:
     probes = []
     for plan, removed in half_depth_plans(span_graph):
         linear = fxmerge.linearize(model, example, plan, span_graph=span_graph).eval()
-        probes.append({"activations_removed": removed,
-                       "val_accuracy": models.accuracy(linear, data.images["val"], data.labels["val"])})
+        probes.append(
+            {
+                "activations_removed": removed,
+                "val_accuracy": models.accuracy(linear, data.images["val"], data.labels["val"]),
+            }
+        )
     half = statistics.mean(p["val_accuracy"] for p in probes) if probes else None
     return {
-        "val_accuracy": val, "test_accuracy": test, "convs": len(span_graph.units),
-        "activations": activation_count(span_graph), "half_activations_probes": probes,
-        "half_activations_val_accuracy": half, "half_activations_drop_points": None if half is None else 100 * (val - half),
+        "val_accuracy": val,
+        "test_accuracy": test,
+        "convs": len(span_graph.units),
+        "activations": activation_count(span_graph),
+        "half_activations_probes": probes,
+        "half_activations_val_accuracy": half,
+        "half_activations_drop_points": None if half is None else 100 * (val - half),
     }
 
 
@@ -176,10 +195,12 @@ def print_facts(name: str, facts: dict) -> None:
         print(f"{name}: no depth-only plan removes half of the activations")
         return
     removed = sorted({p["activations_removed"] for p in facts["half_activations_probes"]})
-    print(f"{name}: removing half the activations ({'/'.join(map(str, removed))} of {facts['activations']}, "
-          f"{len(facts['half_activations_probes'])} depth-only plans), no fine-tuning: validation accuracy "
-          f"{100 * facts['half_activations_val_accuracy']:.1f}%, {drop:.1f} points lost "
-          f"(asked: ≥ 20, {'met' if drop >= 20 else 'NOT met'})")
+    print(
+        f"{name}: removing half the activations ({'/'.join(map(str, removed))} of {facts['activations']}, "
+        f"{len(facts['half_activations_probes'])} depth-only plans), no fine-tuning: validation accuracy "
+        f"{100 * facts['half_activations_val_accuracy']:.1f}%, {drop:.1f} points lost "
+        f"(asked: ≥ 20, {'met' if drop >= 20 else 'NOT met'})"
+    )
 
 
 # --------------------------------------------------------------------------- one (model, method, target)
@@ -196,7 +217,7 @@ def importance_options(name: str, data, settings: Settings) -> dict:
 def finetune_batches(data, settings: Settings, seed: int) -> list:
     """The fine-tuning budget under ``seed``: a seeded sample of the training split, shuffled and augmented."""
     generator = torch.Generator().manual_seed(1000 + seed)
-    pick = torch.randperm(len(data.labels["train"]), generator=generator)[:settings.finetune_samples]
+    pick = torch.randperm(len(data.labels["train"]), generator=generator)[: settings.finetune_samples]
     images, labels = data.images["train"][pick], data.labels["train"][pick]
     return [(models.augment(x, generator), y) for x, y in models.batches(images, labels, settings.finetune_batch)]
 
@@ -208,8 +229,14 @@ def finetune_seeds(result, teacher, data, settings: Settings) -> tuple[list[floa
         torch.manual_seed(seed)
         random.seed(seed)
         linear = copy.deepcopy(result.model)
-        finetune(linear, finetune_batches(data, settings, seed), epochs=1, lr=settings.finetune_lr,
-                 teacher=teacher, progress=False)
+        finetune(
+            linear,
+            finetune_batches(data, settings, seed),
+            epochs=1,
+            lr=settings.finetune_lr,
+            teacher=teacher,
+            progress=False,
+        )
         merged = fxmerge.merge(linear.eval(), result.plan)
         worst = max(worst, common.relative_difference(linear, merged, data.images["test"][:64]))
         accuracies.append(models.accuracy(merged, data.images["test"], data.labels["test"]))
@@ -219,8 +246,16 @@ def finetune_seeds(result, teacher, data, settings: Settings) -> tuple[list[floa
 
 def compress(model, example, method: str, target: str, data, args, settings: Settings):
     return fxmerge.compress(
-        model, example, target, method=method, backend=BACKEND, threads=args.threads, rules=settings.rules,
-        max_kernel=settings.max_kernel, cache_dir=args.cache_dir, progress=args.progress,
+        model,
+        example,
+        target,
+        method=method,
+        backend=BACKEND,
+        threads=args.threads,
+        rules=settings.rules,
+        max_kernel=settings.max_kernel,
+        cache_dir=args.cache_dir,
+        progress=args.progress,
         **importance_options(args.importance, data, settings),
     )
 
@@ -242,8 +277,11 @@ def fastest(model, example, data, args, settings: Settings, phases: dict) -> dic
             floors[method] = exc.smallest
         phase = "first compress (latency and importance tables, then its loop)" if k == 0 else "fastest-plan probes"
         phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - started
-    print("fastest plan, measured: " + ", ".join(f"{m} {r:.1%} of the original ({1 / r:.2f}×)"
-                                                 for m, r in floors.items()), flush=True)
+    print(
+        "fastest plan, measured: "
+        + ", ".join(f"{m} {r:.1%} of the original ({1 / r:.2f}×)" for m, r in floors.items()),
+        flush=True,
+    )
     return floors
 
 
@@ -269,8 +307,14 @@ def fine_tuned(run: ModelRun, result, label: str) -> dict:
         before = models.accuracy(result.merge(), data.images["test"], data.labels["test"])
         accuracies, merged, error = finetune_seeds(result, run.model, data, settings)
     run.phases["fine-tune and test"] += clock.seconds
-    run.tuned[result.plan.entries] = {"before": before, "accuracies": accuracies, "merged": merged, "error": error,
-                                      "first": label, "reused": False}
+    run.tuned[result.plan.entries] = {
+        "before": before,
+        "accuracies": accuracies,
+        "merged": merged,
+        "error": error,
+        "first": label,
+        "reused": False,
+    }
     return run.tuned[result.plan.entries]
 
 
@@ -290,18 +334,29 @@ def run_cell(run: ModelRun, method: str, target: str) -> dict:
     add_stages(run.phases, result.report)
     tuned = fine_tuned(run, result, f"{method} {target}")
     with common.Stopwatch() as clock:
-        speed = report.measure_speedup(run.folded, tuned["merged"], run.example, threads=args.threads,
-                                       rounds=args.rounds)
+        speed = report.measure_speedup(
+            run.folded, tuned["merged"], run.example, threads=args.threads, rounds=args.rounds
+        )
     run.phases["speed-up measurement"] += clock.seconds
     rep, accuracies = result.report, tuned["accuracies"]
     cell.update(
-        feasible=True, speed=speed, test_accuracy_before_finetune=tuned["before"],
-        test_accuracy={"mean": statistics.mean(accuracies),
-                       "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0, "seeds": accuracies},
+        feasible=True,
+        speed=speed,
+        test_accuracy_before_finetune=tuned["before"],
+        test_accuracy={
+            "mean": statistics.mean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "seeds": accuracies,
+        },
         same_plan_as=tuned["first"] if tuned["reused"] else None,
-        merged_vs_linearized_rel_error=tuned["error"], convs_after=rep.convs_after,
-        activations_removed=rep.activations_removed, plan=list(result.plan.entries), predicted_ms=rep.predicted_ms,
-        loop_measured_ratio=rep.measured_ratio, target_met_by_loop=rep.target_met, report=rep.to_dict(),
+        merged_vs_linearized_rel_error=tuned["error"],
+        convs_after=rep.convs_after,
+        activations_removed=rep.activations_removed,
+        plan=list(result.plan.entries),
+        predicted_ms=rep.predicted_ms,
+        loop_measured_ratio=rep.measured_ratio,
+        target_met_by_loop=rep.target_met,
+        report=rep.to_dict(),
     )
     print_cell(cell, rep)
     return cell
@@ -311,24 +366,39 @@ def print_cell(cell: dict, rep) -> None:
     acc, speed = cell["test_accuracy"], cell["speed"]["speedup"]
     loop = 1 / rep.measured_ratio if rep.measured_ratio else float("nan")
     same = f" (the plan of {cell['same_plan_as']}: its fine-tuning reused)" if cell["same_plan_as"] else ""
-    print(f"  {cell['method']:10s} {cell['target']:>4s}: speed-up {speed:.2f}× measured (fxmerge's loop: {loop:.2f}×), "
-          f"convs {rep.convs_before}→{rep.convs_after}, {rep.activations_removed} activations removed; test "
-          f"{100 * cell['test_accuracy_before_finetune']:.1f}% → {100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}% "
-          f"after fine-tuning{same}", flush=True)
+    print(
+        f"  {cell['method']:10s} {cell['target']:>4s}: speed-up {speed:.2f}× measured (fxmerge's loop: {loop:.2f}×), "
+        f"convs {rep.convs_before}→{rep.convs_after}, {rep.activations_removed} activations removed; test "
+        f"{100 * cell['test_accuracy_before_finetune']:.1f}% → {100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}% "
+        f"after fine-tuning{same}",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- one model
-PHASES = ("train", "original: accuracy and half-activation probe", "first compress (latency and importance tables, "
-          "then its loop)", "fastest-plan probes", "compress (tables cached)", "fine-tune and test",
-          "speed-up measurement")
+PHASES = (
+    "train",
+    "original: accuracy and half-activation probe",
+    "first compress (latency and importance tables, then its loop)",
+    "fastest-plan probes",
+    "compress (tables cached)",
+    "fine-tune and test",
+    "speed-up measurement",
+)
 
 
 def run_model(name: str, data, args) -> dict:
     settings = args.settings
     phases = dict.fromkeys(PHASES, 0.0)
     with common.Stopwatch() as clock:
-        model, training = models.trained(name, data.images["train"], data.labels["train"], settings.train,
-                                         data_key=data.key, cache_dir=args.model_cache)
+        model, training = models.trained(
+            name,
+            data.images["train"],
+            data.labels["train"],
+            settings.train,
+            data_key=data.key,
+            cache_dir=args.model_cache,
+        )
     phases["train"] = clock.seconds
     example = data.images["test"][:1].clone()
     folded = common.folded(model)
@@ -339,17 +409,34 @@ def run_model(name: str, data, args) -> dict:
     with common.Stopwatch() as clock:
         alone = report.measure_speedup(folded, folded, example, threads=args.threads, rounds=args.rounds)
     phases["speed-up measurement"] += clock.seconds
-    original = {"test_accuracy": facts["test_accuracy"], "latency_ms": alone["original_ms"],
-                "convs": facts["convs"], "self_speedup": alone["speedup"]}
-    print(f"{name}: original {alone['original_ms']:.3f} ms on onnxruntime (BatchNorm folded); timed against "
-          f"itself: {alone['speedup']:.3f}× (the measurement's own bias)")
+    original = {
+        "test_accuracy": facts["test_accuracy"],
+        "latency_ms": alone["original_ms"],
+        "convs": facts["convs"],
+        "self_speedup": alone["speedup"],
+    }
+    print(
+        f"{name}: original {alone['original_ms']:.3f} ms on onnxruntime (BatchNorm folded); timed against "
+        f"itself: {alone['speedup']:.3f}× (the measurement's own bias)"
+    )
     floors = fastest(model, example, data, args, settings, phases)
     run = ModelRun(model, folded, example, data, args, phases)
     cells = [run_cell(run, method, target) for target in settings.targets[name] for method in METHODS]
-    print(f"{name} phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
-          + (" (training: cached model)" if training["cached"] else ""), flush=True)
-    return {"description": models.DESCRIPTIONS[name], "training": training, "facts": facts,
-            "original": original, "fastest_measured_ratio": floors, "cells": cells, "phases_s": phases}
+    print(
+        f"{name} phases (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
+        + (" (training: cached model)" if training["cached"] else ""),
+        flush=True,
+    )
+    return {
+        "description": models.DESCRIPTIONS[name],
+        "training": training,
+        "facts": facts,
+        "original": original,
+        "fastest_measured_ratio": floors,
+        "cells": cells,
+        "phases_s": phases,
+    }
 
 
 def orderings(results: dict) -> list[dict]:
@@ -360,13 +447,19 @@ def orderings(results: dict) -> list[dict]:
             cells = [c for c in model["cells"] if c["target"] == target and c.get("feasible")]
             ranked = sorted(cells, key=lambda c: -c["test_accuracy"]["mean"])
             paper_order = [m for m in METHODS if m in {c["method"] for c in cells}]
-            out.append({
-                "model": name, "target": target, "by_accuracy": [c["method"] for c in ranked],
-                "accuracy": {c["method"]: c["test_accuracy"]["mean"] for c in cells},
-                "speedup": {c["method"]: c["speed"]["speedup"] for c in cells},
-                "paper_order_holds": [c["method"] for c in ranked] == paper_order,
-                "infeasible": [c["method"] for c in model["cells"] if c["target"] == target and not c.get("feasible")],
-            })
+            out.append(
+                {
+                    "model": name,
+                    "target": target,
+                    "by_accuracy": [c["method"] for c in ranked],
+                    "accuracy": {c["method"]: c["test_accuracy"]["mean"] for c in cells},
+                    "speedup": {c["method"]: c["speed"]["speedup"] for c in cells},
+                    "paper_order_holds": [c["method"] for c in ranked] == paper_order,
+                    "infeasible": [
+                        c["method"] for c in model["cells"] if c["target"] == target and not c.get("feasible")
+                    ],
+                }
+            )
     return out
 
 
@@ -384,16 +477,20 @@ def markdown(results: dict) -> str:
         holds = "holds" if o["paper_order_holds"] else "does NOT hold"
         lines.append(f"- {o['model']} at {o['target']}: {ranked}{missing} — the paper's order {holds}")
     lines.append("")
-    lines.append(f"Importance `{s['importance']}` (holdout-train {s['sizes']['holdout_train']}, holdout-val "
-                 f"{s['sizes']['holdout_val']}); fine-tuning: {s['finetune_samples']} training samples, 1 epoch, "
-                 f"lr {s['finetune_lr']}, distillation + labels, seeds {list(s['seeds'])}; rules `{s['rules']}`, "
-                 f"max kernel {s['max_kernel']}. Speed-up: {results['speedup_measurement']}")
+    lines.append(
+        f"Importance `{s['importance']}` (holdout-train {s['sizes']['holdout_train']}, holdout-val "
+        f"{s['sizes']['holdout_val']}); fine-tuning: {s['finetune_samples']} training samples, 1 epoch, "
+        f"lr {s['finetune_lr']}, distillation + labels, seeds {list(s['seeds'])}; rules `{s['rules']}`, "
+        f"max kernel {s['max_kernel']}. Speed-up: {results['speedup_measurement']}"
+    )
     return "\n".join(lines)
 
 
-SPEEDUP_HOW = ("measured by the benchmark itself, not by fxmerge's timers: both models exported with "
-               "fxmerge.export.export_onnx, fresh onnxruntime sessions (CPU, {threads} thread(s), sequential, "
-               "spinning off), interleaved blocks of runs, {rounds} rounds; the median of the per-round ratios")
+SPEEDUP_HOW = (
+    "measured by the benchmark itself, not by fxmerge's timers: both models exported with "
+    "fxmerge.export.export_onnx, fresh onnxruntime sessions (CPU, {threads} thread(s), sequential, "
+    "spinning off), interleaved blocks of runs, {rounds} rounds; the median of the per-round ratios"
+)
 
 
 def main(argv=None) -> int:
@@ -401,21 +498,31 @@ def main(argv=None) -> int:
     args = parse(argv)
     env = common.environment(args)
     settings = args.settings
-    print(f"paper_mini: models {args.models}, importance {args.importance}, {args.threads} thread(s), "
-          f"load average {env['load_average_at_start']}; fxmerge cache {args.cache_dir} ({args.cache_kind}); "
-          f"models and data {args.model_cache}", flush=True)
+    print(
+        f"paper_mini: models {args.models}, importance {args.importance}, {args.threads} thread(s), "
+        f"load average {env['load_average_at_start']}; fxmerge cache {args.cache_dir} ({args.cache_kind}); "
+        f"models and data {args.model_cache}",
+        flush=True,
+    )
     with common.Stopwatch() as clock:
         data = data_mod.load_splits(settings.sizes, seed=settings.data_seed, cache_dir=args.model_cache)
     print(f"data: {data.sizes()} ({clock.seconds:.0f} s)", flush=True)
     results = {
-        "benchmark": "paper_mini", "environment": env,
-        "settings": {**asdict(settings), "importance": args.importance, "methods": list(METHODS),
-                     "backend": BACKEND},
-        "data": {"name": "cluttered shapes", "classes": list(data_mod.CLASSES), "splits": data.sizes(),
-                 "ranges": data.ranges, "key": data.key, "difficulty": asdict(data_mod.Difficulty()),
-                 "description": data_mod.__doc__},
+        "benchmark": "paper_mini",
+        "environment": env,
+        "settings": {**asdict(settings), "importance": args.importance, "methods": list(METHODS), "backend": BACKEND},
+        "data": {
+            "name": "cluttered shapes",
+            "classes": list(data_mod.CLASSES),
+            "splits": data.sizes(),
+            "ranges": data.ranges,
+            "key": data.key,
+            "difficulty": asdict(data_mod.Difficulty()),
+            "description": data_mod.__doc__,
+        },
         "speedup_measurement": SPEEDUP_HOW.format(threads=args.threads, rounds=args.rounds),
-        "data_seconds": clock.seconds, "models": {},
+        "data_seconds": clock.seconds,
+        "models": {},
     }
     for name in args.models:
         print(f"\n== {name}: {models.DESCRIPTIONS[name]}", flush=True)
@@ -424,17 +531,26 @@ def main(argv=None) -> int:
     results["wall_s"] = time.perf_counter() - started
     common.write_json(args.out, results)
     png = args.out.with_suffix(".png")
-    report.plot(results, png, title=PLOT_TITLE, xlabel=PLOT_X.format(threads=args.threads),
-                ylabel=PLOT_Y.format(seeds=len(settings.seeds)))
+    report.plot(
+        results,
+        png,
+        title=PLOT_TITLE,
+        xlabel=PLOT_X.format(threads=args.threads),
+        ylabel=PLOT_Y.format(seeds=len(settings.seeds)),
+    )
     print(f"\nplot:    {png}")
     common.print_footer(args, env, markdown(results), results["wall_s"])
     return 0
 
 
-PLOT_TITLE = ("LayerMerge vs depth-only vs layer-only, each fine-tuned with the same budget\n"
-              "on cluttered shapes (generated 32×32 colour images, 10 classes)")
-PLOT_X = ("measured speed-up over the original (×)\n"
-          "onnxruntime CPU, {threads} thread(s), batch 1, BatchNorm folded in both; bars: IQR over rounds")
+PLOT_TITLE = (
+    "LayerMerge vs depth-only vs layer-only, each fine-tuned with the same budget\n"
+    "on cluttered shapes (generated 32×32 colour images, 10 classes)"
+)
+PLOT_X = (
+    "measured speed-up over the original (×)\n"
+    "onnxruntime CPU, {threads} thread(s), batch 1, BatchNorm folded in both; bars: IQR over rounds"
+)
 PLOT_Y = "test accuracy (%)\nmean ± std over {seeds} fine-tuning seed(s)"
 
 if __name__ == "__main__":

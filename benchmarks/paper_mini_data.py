@@ -129,8 +129,9 @@ def _masks(classes: torch.Tensor, grid, pose) -> torch.Tensor:
     return out
 
 
-def _texture(g: torch.Generator, n: int, grid, frequency: tuple[float, float] = (4.0, 14.0),
-             contrast: float = 1.0) -> torch.Tensor:
+def _texture(
+    g: torch.Generator, n: int, grid, frequency: tuple[float, float] = (4.0, 14.0), contrast: float = 1.0
+) -> torch.Tensor:
     """(n, 3, H, W) two-colour fills: stripes, checks or flat; random colours, frequency and angle.
 
     The second colour is ``contrast`` of the way from the first to another random colour.
@@ -207,7 +208,9 @@ def render_chunk(seed: int, chunk: int, difficulty: Difficulty = Difficulty()) -
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
-def render(seed: int, start: int, stop: int, difficulty: Difficulty = Difficulty()) -> tuple[torch.Tensor, torch.Tensor]:
+def render(
+    seed: int, start: int, stop: int, difficulty: Difficulty = Difficulty()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples ``start … stop-1`` of the pool (``start`` a multiple of :data:`CHUNK`)."""
     if start % CHUNK or stop % CHUNK:
         raise ValueError(f"split bounds must be multiples of {CHUNK}")
@@ -252,8 +255,9 @@ def data_key(seed: int, sizes: dict[str, int], difficulty: Difficulty) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_splits(sizes: dict[str, int], *, seed: int = 0, difficulty: Difficulty = Difficulty(),
-                cache_dir: Path | None = None) -> Splits:
+def load_splits(
+    sizes: dict[str, int], *, seed: int = 0, difficulty: Difficulty = Difficulty(), cache_dir: Path | None = None
+) -> Splits:
     """The splits, rendered (and cached as uint8 under ``cache_dir``, atomically) or read back."""
     from fxmerge.cache import write_atomic
 
@@ -266,7 +270,7 @@ def load_splits(sizes: dict[str, int], *, seed: int = 0, difficulty: Difficulty 
         for name, (start, stop) in ranges.items():
             chunk_stop = start + -(-(stop - start) // CHUNK) * CHUNK
             images, labels = render(seed, start, chunk_stop, difficulty)
-            stored[f"{name}.images"], stored[f"{name}.labels"] = images[:stop - start], labels[:stop - start]
+            stored[f"{name}.images"], stored[f"{name}.labels"] = images[: stop - start], labels[: stop - start]
         if path is not None:
             buffer = io.BytesIO()
             torch.save(stored, buffer)

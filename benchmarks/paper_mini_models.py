@@ -77,8 +77,11 @@ class InvertedResidual(nn.Module):
         if expand != 1:
             layers += [nn.Conv2d(channels_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
         layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, channels_out, 1, bias=False), nn.BatchNorm2d(channels_out),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, channels_out, 1, bias=False),
+            nn.BatchNorm2d(channels_out),
         ]
         self.conv = nn.Sequential(*layers)
 
@@ -140,23 +143,25 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
     padded = F.pad(images, (2, 2, 2, 2), mode="reflect")
     dx, dy = torch.randint(0, 5, (2,), generator=generator).tolist()  # one shift per batch: cheap
-    return padded[:, :, dy:dy + images.shape[2], dx:dx + images.shape[3]]
+    return padded[:, :, dy : dy + images.shape[2], dx : dx + images.shape[3]]
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
     """``(input, label)`` batches, shuffled by ``generator`` when given."""
     order = torch.randperm(len(labels), generator=generator) if generator is not None else torch.arange(len(labels))
-    return [(images[order[k:k + batch_size]], labels[order[k:k + batch_size]])
-            for k in range(0, len(labels), batch_size)]
+    return [
+        (images[order[k : k + batch_size]], labels[order[k : k + batch_size]])
+        for k in range(0, len(labels), batch_size)
+    ]
 
 
-def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
-          log=print) -> dict:
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, log=print) -> dict:
     """Train ``model`` in place on normalised ``images``; a summary of the run."""
     generator = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * -(-len(labels) // config.batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps, pct_start=0.15)
     started = time.perf_counter()
     model.train()
@@ -172,11 +177,16 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: 
             total += float(loss.detach()) * len(y)
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
-        log(f"  epoch {epoch + 1}/{config.epochs}: loss {total / seen:.3f}, train accuracy {correct / seen:.1%} "
-            f"({time.perf_counter() - started:.0f} s)")
+        log(
+            f"  epoch {epoch + 1}/{config.epochs}: loss {total / seen:.3f}, train accuracy {correct / seen:.1%} "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
     model.eval()
-    return {"train_seconds": time.perf_counter() - started, "final_train_loss": total / seen,
-            "final_train_accuracy": correct / seen}
+    return {
+        "train_seconds": time.perf_counter() - started,
+        "final_train_loss": total / seen,
+        "final_train_accuracy": correct / seen,
+    }
 
 
 @torch.no_grad()
@@ -184,21 +194,38 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     """Top-1 accuracy in eval mode."""
     was_training = model.training
     model.eval()
-    correct = sum(int((model(images[k:k + batch_size]).argmax(1) == labels[k:k + batch_size]).sum())
-                  for k in range(0, len(labels), batch_size))
+    correct = sum(
+        int((model(images[k : k + batch_size]).argmax(1) == labels[k : k + batch_size]).sum())
+        for k in range(0, len(labels), batch_size)
+    )
     model.train(was_training)
     return correct / len(labels)
 
 
 # --------------------------------------------------------------------------- cache
 def cache_key(name: str, config: TrainConfig, data_key: str) -> str:
-    payload = {"version": CACHE_VERSION, "model": name, "description": DESCRIPTIONS[name], "train": asdict(config),
-               "data": data_key, "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0]}
+    payload = {
+        "version": CACHE_VERSION,
+        "model": name,
+        "description": DESCRIPTIONS[name],
+        "train": asdict(config),
+        "data": data_key,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__.split("+")[0],
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def trained(name: str, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, *, data_key: str,
-            cache_dir: Path, log=print) -> tuple[nn.Module, dict]:
+def trained(
+    name: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    *,
+    data_key: str,
+    cache_dir: Path,
+    log=print,
+) -> tuple[nn.Module, dict]:
     """The cached model for these settings, trained (and cached) first when there is none."""
     from fxmerge.cache import write_atomic
 
@@ -208,8 +235,10 @@ def trained(name: str, images: torch.Tensor, labels: torch.Tensor, config: Train
     if weights.exists() and meta.exists():
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return model.eval(), {**json.loads(meta.read_text()), "cached": True, "path": str(weights)}
-    log(f"training {name} ({config.epochs} epochs of {len(labels)} images, {torch.get_num_threads()} thread(s)); "
-        f"cache: {weights}")
+    log(
+        f"training {name} ({config.epochs} epochs of {len(labels)} images, {torch.get_num_threads()} thread(s)); "
+        f"cache: {weights}"
+    )
     info = train(model, images, labels, config, log=log)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

@@ -68,15 +68,18 @@ def _block(run, runs: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure_speedup(original: nn.Module, merged: nn.Module, example, *, threads: int,
-                    rounds: int, block_s: float = 0.25) -> dict:
+def measure_speedup(
+    original: nn.Module, merged: nn.Module, example, *, threads: int, rounds: int, block_s: float = 0.25
+) -> dict:
     """``original_ms / merged_ms`` on fresh ONNX Runtime sessions, interleaved blocks (module docstring)."""
     run_a, out_a = ort_runner(original, example, threads)
     run_b, out_b = ort_runner(merged, example, threads)
     with torch.no_grad():
         want_a, want_b = original.eval()(*_as_tuple(example)).numpy(), merged.eval()(*_as_tuple(example)).numpy()
-    ort_error = max(float(np.abs(out_a - want_a).max() / max(np.abs(want_a).max(), 1e-30)),
-                    float(np.abs(out_b - want_b).max() / max(np.abs(want_b).max(), 1e-30)))
+    ort_error = max(
+        float(np.abs(out_a - want_a).max() / max(np.abs(want_a).max(), 1e-30)),
+        float(np.abs(out_b - want_b).max() / max(np.abs(want_b).max(), 1e-30)),
+    )
     for run in (run_a, run_b):
         _block(run, 20)  # warm-up
     probe = max(_block(run_a, 5), _block(run_b, 5))
@@ -89,9 +92,14 @@ def measure_speedup(original: nn.Module, merged: nn.Module, example, *, threads:
         ratios.append(a_ms[-1] / b_ms[-1])
     q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     return {
-        "original_ms": statistics.median(a_ms), "merged_ms": statistics.median(b_ms),
-        "speedup": statistics.median(ratios), "speedup_q1": q1, "speedup_q3": q3,
-        "rounds": rounds, "runs_per_block": runs, "ort_vs_torch_rel_error": ort_error,
+        "original_ms": statistics.median(a_ms),
+        "merged_ms": statistics.median(b_ms),
+        "speedup": statistics.median(ratios),
+        "speedup_q1": q1,
+        "speedup_q3": q3,
+        "rounds": rounds,
+        "runs_per_block": runs,
+        "ort_vs_torch_rel_error": ort_error,
     }
 
 
@@ -116,23 +124,33 @@ def plot(results: dict, path, *, title: str, xlabel: str, ylabel: str) -> None:
 
 def _panel(ax, name: str, model: dict, xlabel: str, ylabel: str) -> None:
     original = model["original"]
-    ax.plot([1.0], [100 * original["test_accuracy"]], marker="*", markersize=15, color="black", linestyle="none",
-            label=f"original ({100 * original['test_accuracy']:.1f}%)")
+    ax.plot(
+        [1.0],
+        [100 * original["test_accuracy"]],
+        marker="*",
+        markersize=15,
+        color="black",
+        linestyle="none",
+        label=f"original ({100 * original['test_accuracy']:.1f}%)",
+    )
     for method, (colour, marker, label) in METHOD_STYLE.items():
-        cells = sorted((c for c in model["cells"] if c["method"] == method and c.get("feasible")),
-                       key=lambda c: c["speed"]["speedup"])
+        cells = sorted(
+            (c for c in model["cells"] if c["method"] == method and c.get("feasible")),
+            key=lambda c: c["speed"]["speedup"],
+        )
         if not cells:
             ax.plot([], [], color=colour, marker=marker, label=f"{label}: no feasible target")
             continue
         x = [c["speed"]["speedup"] for c in cells]
-        xerr = [[c["speed"]["speedup"] - c["speed"]["speedup_q1"] for c in cells],
-                [c["speed"]["speedup_q3"] - c["speed"]["speedup"] for c in cells]]
+        xerr = [
+            [c["speed"]["speedup"] - c["speed"]["speedup_q1"] for c in cells],
+            [c["speed"]["speedup_q3"] - c["speed"]["speedup"] for c in cells],
+        ]
         y = [100 * c["test_accuracy"]["mean"] for c in cells]
         yerr = [100 * c["test_accuracy"]["std"] for c in cells]
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=colour, marker=marker, capsize=3, label=label)
         for c, xi, yi in zip(cells, x, y):
-            ax.annotate(c["target"], (xi, yi), textcoords="offset points", xytext=(4, -11), fontsize=7,
-                        color=colour)
+            ax.annotate(c["target"], (xi, yi), textcoords="offset points", xytext=(4, -11), fontsize=7, color=colour)
     ax.set_title(f"{name}: {model['description']}", fontsize=8)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
@@ -146,23 +164,45 @@ def table_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, model in results["models"].items():
         original = model["original"]
-        rows.append([name, "original", "–", f"1.00× ({original['latency_ms']:.3f} ms)",
-                     f"**{100 * original['test_accuracy']:.1f}**", "–", str(original["convs"]), "–"])
+        rows.append(
+            [
+                name,
+                "original",
+                "–",
+                f"1.00× ({original['latency_ms']:.3f} ms)",
+                f"**{100 * original['test_accuracy']:.1f}**",
+                "–",
+                str(original["convs"]),
+                "–",
+            ]
+        )
         for c in model["cells"]:
             if not c.get("feasible"):
                 rows.append([name, c["method"], c["target"], f"infeasible: {c['why_short']}", "–", "–", "–", "–"])
                 continue
             acc = c["test_accuracy"]
-            rows.append([
-                name, c["method"], c["target"],
-                f"{c['speed']['speedup']:.2f}× ({c['speed']['merged_ms']:.3f} ms)",
-                f"**{100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}**",
-                f"{100 * c['test_accuracy_before_finetune']:.1f}",
-                f"{c['convs_after']}" + (f" (plan of {c['same_plan_as']})" if c.get("same_plan_as") else ""),
-                f"{c['activations_removed']}",
-            ])
+            rows.append(
+                [
+                    name,
+                    c["method"],
+                    c["target"],
+                    f"{c['speed']['speedup']:.2f}× ({c['speed']['merged_ms']:.3f} ms)",
+                    f"**{100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}**",
+                    f"{100 * c['test_accuracy_before_finetune']:.1f}",
+                    f"{c['convs_after']}" + (f" (plan of {c['same_plan_as']})" if c.get("same_plan_as") else ""),
+                    f"{c['activations_removed']}",
+                ]
+            )
     return rows
 
 
-TABLE_HEADER = ["model", "method", "target", "measured speed-up (merged ms)", "test acc. % (mean ± std, 3 seeds)",
-                "before fine-tune %", "convs", "activations removed"]
+TABLE_HEADER = [
+    "model",
+    "method",
+    "target",
+    "measured speed-up (merged ms)",
+    "test acc. % (mean ± std, 3 seeds)",
+    "before fine-tune %",
+    "convs",
+    "activations removed",
+]

@@ -42,12 +42,22 @@ def main() -> None:
             plan = solve(sg, latency, importance, budget, bins=2000)
             times.append(time.perf_counter() - t)
         rows.append({"budget_fraction": fraction, "median_s": statistics.median(times), "spans": len(plan.entries)})
-        print(f"budget {fraction:.0%} of range: solve median {statistics.median(times) * 1000:.1f} ms, {len(plan.entries)} spans")
+        print(
+            f"budget {fraction:.0%} of range: solve median {statistics.median(times) * 1000:.1f} ms, {len(plan.entries)} spans"
+        )
     result = {
-        "model": "resnet34", "positions": len(sg.positions), "spans": len(sg.spans), "entries": len(sg.entries),
-        "bins": 2000, "analyze_s": analyze_s, "solves": rows, "torch_threads": torch.get_num_threads(),
+        "model": "resnet34",
+        "positions": len(sg.positions),
+        "spans": len(sg.spans),
+        "entries": len(sg.entries),
+        "bins": 2000,
+        "analyze_s": analyze_s,
+        "solves": rows,
+        "torch_threads": torch.get_num_threads(),
     }
-    print(f"resnet34: {len(sg.positions)} positions, {len(sg.spans)} spans, {len(sg.entries)} entries; analyze {analyze_s:.1f} s")
+    print(
+        f"resnet34: {len(sg.positions)} positions, {len(sg.spans)} spans, {len(sg.entries)} entries; analyze {analyze_s:.1f} s"
+    )
     out = Path(__file__).parent / "results" / "solver_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -45,8 +45,11 @@ def survey(spec: str, plans: int) -> dict:
         graph = fxmerge.api.analyze_captured(captured)
         reasons = collections.Counter(r.reason.split(":")[0][:80] for r in graph.rejections)
         row.update(
-            form=captured.form, units=len(graph.units), spans=len(graph.spans),
-            multi=sum(len(s.units) > 1 for s in graph.spans), coverage=graph.coverage,
+            form=captured.form,
+            units=len(graph.units),
+            spans=len(graph.spans),
+            multi=sum(len(s.units) > 1 for s in graph.spans),
+            coverage=graph.coverage,
             top_reasons=reasons.most_common(3),
         )
         check_model(model, inputs if len(inputs) > 1 else inputs[0], keep_and_random(plans))
@@ -67,14 +70,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=common.RESULTS / "zoo_coverage.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    specs = args.models or [f"timm:{n}" for n in TIMM] + [f"smp:{n}" for n in SMP] + [f"diffusers:{n}" for n in DIFFUSERS]
+    specs = args.models or [f"timm:{n}" for n in TIMM] + [f"smp:{n}" for n in SMP] + [
+        f"diffusers:{n}" for n in DIFFUSERS
+    ]
     rows = []
     for spec in specs:
         rows.append(survey(spec, 1 if args.quick else args.plans))
         r = rows[-1]
-        print(f"{spec:32} {r.get('form', '-'):14} units {r.get('units', '-'):>4} multi {r.get('multi', '-'):>4} "
-              f"coverage {r.get('coverage') or 0:5.0%} merge {r['merge']:7} {r['seconds']:6.1f} s "
-              f"{r.get('error', '')[:120]}", flush=True)
+        print(
+            f"{spec:32} {r.get('form', '-'):14} units {r.get('units', '-'):>4} multi {r.get('multi', '-'):>4} "
+            f"coverage {r.get('coverage') or 0:5.0%} merge {r['merge']:7} {r['seconds']:6.1f} s "
+            f"{r.get('error', '')[:120]}",
+            flush=True,
+        )
     common.write_json(args.out, {"command": common.command_line(), "rows": rows})
     failed = [r["model"] for r in rows if r["merge"] != "exact"]
     print(f"\n{len(rows) - len(failed)}/{len(rows)} models merge exactly; failed: {failed}")

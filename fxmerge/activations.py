@@ -71,40 +71,76 @@ def _aten(*names: str) -> tuple:
 
 
 register_activation(
-    "relu", nn.ReLU, modules=[nn.ReLU], functions=[F.relu, torch.relu, torch.relu_, F.relu_],
-    methods=["relu", "relu_"], aten_ops=_aten("relu", "relu_"),
+    "relu",
+    nn.ReLU,
+    modules=[nn.ReLU],
+    functions=[F.relu, torch.relu, torch.relu_, F.relu_],
+    methods=["relu", "relu_"],
+    aten_ops=_aten("relu", "relu_"),
 )
 register_activation(
-    "relu6", nn.ReLU6, modules=[nn.ReLU6], functions=[F.relu6], methods=[],
+    "relu6",
+    nn.ReLU6,
+    modules=[nn.ReLU6],
+    functions=[F.relu6],
+    methods=[],
     aten_ops=_aten("relu6", "relu6_"),
 )
 register_activation(
-    "leaky_relu", nn.LeakyReLU, modules=[nn.LeakyReLU], functions=[F.leaky_relu, F.leaky_relu_],
-    methods=[], aten_ops=_aten("leaky_relu", "leaky_relu_"),
+    "leaky_relu",
+    nn.LeakyReLU,
+    modules=[nn.LeakyReLU],
+    functions=[F.leaky_relu, F.leaky_relu_],
+    methods=[],
+    aten_ops=_aten("leaky_relu", "leaky_relu_"),
 )
-register_activation("prelu", nn.PReLU, modules=[nn.PReLU], functions=[F.prelu], aten_ops=_aten("prelu", "_prelu_kernel"))
 register_activation(
-    "hardtanh", nn.Hardtanh, modules=[nn.Hardtanh], functions=[F.hardtanh, F.hardtanh_],
+    "prelu", nn.PReLU, modules=[nn.PReLU], functions=[F.prelu], aten_ops=_aten("prelu", "_prelu_kernel")
+)
+register_activation(
+    "hardtanh",
+    nn.Hardtanh,
+    modules=[nn.Hardtanh],
+    functions=[F.hardtanh, F.hardtanh_],
     aten_ops=_aten("hardtanh", "hardtanh_"),
 )
 register_activation(
-    "silu", nn.SiLU, modules=[nn.SiLU], functions=[F.silu], aten_ops=_aten("silu", "silu_"),
+    "silu",
+    nn.SiLU,
+    modules=[nn.SiLU],
+    functions=[F.silu],
+    aten_ops=_aten("silu", "silu_"),
 )
 register_activation("gelu", nn.GELU, modules=[nn.GELU], functions=[F.gelu], aten_ops=_aten("gelu", "gelu_"))
 register_activation(
-    "hardswish", nn.Hardswish, modules=[nn.Hardswish], functions=[F.hardswish],
+    "hardswish",
+    nn.Hardswish,
+    modules=[nn.Hardswish],
+    functions=[F.hardswish],
     aten_ops=_aten("hardswish", "hardswish_"),
 )
 register_activation("mish", nn.Mish, modules=[nn.Mish], functions=[F.mish], aten_ops=_aten("mish", "mish_"))
 register_activation(
-    "elu", nn.ELU, modules=[nn.ELU], functions=[F.elu, F.elu_], aten_ops=_aten("elu", "elu_"),
+    "elu",
+    nn.ELU,
+    modules=[nn.ELU],
+    functions=[F.elu, F.elu_],
+    aten_ops=_aten("elu", "elu_"),
 )
 register_activation(
-    "sigmoid", nn.Sigmoid, modules=[nn.Sigmoid], functions=[torch.sigmoid, F.sigmoid],
-    methods=["sigmoid", "sigmoid_"], aten_ops=_aten("sigmoid", "sigmoid_"),
+    "sigmoid",
+    nn.Sigmoid,
+    modules=[nn.Sigmoid],
+    functions=[torch.sigmoid, F.sigmoid],
+    methods=["sigmoid", "sigmoid_"],
+    aten_ops=_aten("sigmoid", "sigmoid_"),
 )
 register_activation(
-    "tanh", nn.Tanh, modules=[nn.Tanh], functions=[torch.tanh, F.tanh], methods=["tanh", "tanh_"],
+    "tanh",
+    nn.Tanh,
+    modules=[nn.Tanh],
+    functions=[torch.tanh, F.tanh],
+    methods=["tanh", "tanh_"],
     aten_ops=_aten("tanh", "tanh_"),
 )
 

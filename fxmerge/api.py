@@ -53,7 +53,11 @@ def analyze_captured(
     matched = match(captured.gm, exclude=tuple(exclude or ()), leaves=leaves)
     shapes = [tuple(t.shape) for t in captured.example_inputs if isinstance(t, torch.Tensor)]
     graph = build_span_graph(
-        matched, model=captured.name, input_shapes=shapes, rules=rules, max_kernel=max_kernel,
+        matched,
+        model=captured.name,
+        input_shapes=shapes,
+        rules=rules,
+        max_kernel=max_kernel,
         max_units=default_max_units(rules),
     )
     if rules == "paper":
@@ -230,10 +234,9 @@ def compress(
     watch.lap("latency table")
     if target.not_below(table.original_ms):
         return _unchanged(captured, span_graph, table, target, timer, watch, notes, model.training)
-    scores = build_importance_table(
-        captured, span_graph, importance, data=data, cache_dir=_subdir(cache_dir, "importance"), progress=progress,
-        **importance_options,
-    )
+    importance_dir = _subdir(cache_dir, "importance")
+    scores = build_importance_table(captured, span_graph, importance, data=data, cache_dir=importance_dir,
+                                    progress=progress, **importance_options)  # fmt: skip
     watch.lap("importance table")
     choice = distributed.run_on_main(  # under torchrun one process solves and times, every process gets its plan
         lambda: _choose_plan(captured, span_graph, table, scores, target, timer, folded, loop, method, bins)
@@ -253,8 +256,10 @@ def _latency_table(captured: Captured, span_graph: SpanGraph, timer, cache_dir, 
     folded = _folded(captured, notes)
     table = calibrate(table, folded, captured.example_inputs, Plan.keep_all(span_graph).entries, timer)
     if "timing" in table.info:  # under torchrun: who timed, and why
-        notes.append(f"{table.info['timing']}; the plan is solved (and, in the closed loop, timed) by rank 0 "
-                     "and sent to every rank")
+        notes.append(
+            f"{table.info['timing']}; the plan is solved (and, in the closed loop, timed) by rank 0 "
+            "and sent to every rank"
+        )
     return table, folded
 
 
@@ -265,8 +270,9 @@ class _Choice:
     table: object  # the latency table the plan was chosen with (context-corrected by the loop)
 
 
-def _choose_plan(captured, span_graph, table, scores, target: Target, timer, folded, loop: LoopSettings,
-                 method: str, bins: int) -> _Choice:
+def _choose_plan(
+    captured, span_graph, table, scores, target: Target, timer, folded, loop: LoopSettings, method: str, bins: int
+) -> _Choice:
     """Solve for the target; with the loop on, measure, correct the table and the budget, solve again.
 
     The first measured plan also corrects the table itself (:func:`_context_corrected`):
@@ -292,9 +298,14 @@ def _choose_plan(captured, span_graph, table, scores, target: Target, timer, fol
     if abs(target.error(measured)) > loop.tolerance:
         table = _context_corrected(table, span_graph, opening, measured)
     outcome = meet_target(
-        lambda budget: _solve_at(span_graph, table, scores, budget, method, bins), measure, target,
-        first_budget_ms=first, budget_range=_budget_range(span_graph, table, method, first),
-        tolerance=loop.tolerance, max_rounds=loop.max_rounds, seed=[(_repriced(opening, table), measured)],
+        lambda budget: _solve_at(span_graph, table, scores, budget, method, bins),
+        measure,
+        target,
+        first_budget_ms=first,
+        budget_range=_budget_range(span_graph, table, method, first),
+        tolerance=loop.tolerance,
+        max_rounds=loop.max_rounds,
+        seed=[(_repriced(opening, table), measured)],
     )
     fastest = _budget_range(span_graph, table, method, first)[0]
     if outcome.error > loop.tolerance and any(r.budget_ms <= fastest * (1 + 1e-9) for r in outcome.rounds):
@@ -346,9 +357,13 @@ def _context_corrected(table, span_graph: SpanGraph, plan: Plan, measured: Measu
     saved_measured = (1.0 - measured.ratio) * original_ms
     saved_entries = sum(table.entries[e] for e in keep_all) - sum(table.entries[e] for e in plan.entries)
     beta = (saved_measured - saved_entries) / removed
-    evidence = {"plan_convs": len(plan.entries), "keep_all_convs": len(keep_all),
-                "measured_ratio": measured.ratio, "entries_saved_ms": saved_entries,
-                "measured_saved_ms": saved_measured}
+    evidence = {
+        "plan_convs": len(plan.entries),
+        "keep_all_convs": len(keep_all),
+        "measured_ratio": measured.ratio,
+        "entries_saved_ms": saved_entries,
+        "measured_saved_ms": saved_measured,
+    }
     return with_context_cost(table, beta, keep_all, evidence)
 
 
@@ -357,17 +372,27 @@ def _unreachable(outcome: LoopOutcome, target: Target, timer) -> TargetUnreachab
     where = f"{getattr(timer, 'name', 'the backend')} ({getattr(timer, 'threads', '?')} thread(s))"
     if target.ratio is not None:
         smallest, unit = fastest.ratio, "fraction"
-        message = (f"target {target.ratio:.0%} cannot be met on {where}: the smallest achievable is "
-                   f"{fastest.ratio:.1%} of the original, measured on the fastest plan fxmerge can build "
-                   f"({fastest.measured_ms:.4g} ms against {fastest.original_ms:.4g} ms); "
-                   f"ask for {math.ceil(fastest.ratio * 100)}% or more")
+        message = (
+            f"target {target.ratio:.0%} cannot be met on {where}: the smallest achievable is "
+            f"{fastest.ratio:.1%} of the original, measured on the fastest plan fxmerge can build "
+            f"({fastest.measured_ms:.4g} ms against {fastest.original_ms:.4g} ms); "
+            f"ask for {math.ceil(fastest.ratio * 100)}% or more"
+        )
     else:
         smallest, unit = fastest.measured_ms, "ms"
-        message = (f"target {target.ms:.4g} ms cannot be met on {where}: the smallest achievable latency is "
-                   f"{fastest.measured_ms:.4g} ms, measured on the fastest plan fxmerge can build (the original: "
-                   f"{fastest.original_ms:.4g} ms); ask for {round_up(fastest.measured_ms)} ms or more")
-    return TargetUnreachable(message, smallest=smallest, unit=unit, budget_ms=fastest.budget_ms,
-                             min_latency_ms=fastest.measured_ms, suggested_ms=fastest.budget_ms)
+        message = (
+            f"target {target.ms:.4g} ms cannot be met on {where}: the smallest achievable latency is "
+            f"{fastest.measured_ms:.4g} ms, measured on the fastest plan fxmerge can build (the original: "
+            f"{fastest.original_ms:.4g} ms); ask for {round_up(fastest.measured_ms)} ms or more"
+        )
+    return TargetUnreachable(
+        message,
+        smallest=smallest,
+        unit=unit,
+        budget_ms=fastest.budget_ms,
+        min_latency_ms=fastest.measured_ms,
+        suggested_ms=fastest.budget_ms,
+    )
 
 
 def round_up(value: float, digits: int = 3) -> str:
@@ -386,11 +411,23 @@ def _unchanged(captured, span_graph, table, target: Target, timer, watch, notes,
     linearized = linearize_pass.linearize(captured, span_graph, plan).train(training)
     ms = target.ms if target.ms is not None else target.ratio * table.original_ms
     report = Report(
-        model=span_graph.model, backend=table.backend, method="keep_all", original_ms=float(table.original_ms),
-        target_ms=ms, predicted_ms=float(table.original_ms), offset_ms=float(table.offset_ms),
-        convs_before=len(span_graph.units), convs_after=len(span_graph.units), activations_removed=0, chosen=(),
-        stage_seconds=tuple(watch.stages), notes=tuple(notes), threads=getattr(timer, "threads", None),
-        coverage=span_graph.coverage, target_met=True, unchanged=True,
+        model=span_graph.model,
+        backend=table.backend,
+        method="keep_all",
+        original_ms=float(table.original_ms),
+        target_ms=ms,
+        predicted_ms=float(table.original_ms),
+        offset_ms=float(table.offset_ms),
+        convs_before=len(span_graph.units),
+        convs_after=len(span_graph.units),
+        activations_removed=0,
+        chosen=(),
+        stage_seconds=tuple(watch.stages),
+        notes=tuple(notes),
+        threads=getattr(timer, "threads", None),
+        coverage=span_graph.coverage,
+        target_met=True,
+        unchanged=True,
     )
     return CompressResult(model=linearized, plan=plan, report=report, span_graph=span_graph)
 
@@ -403,8 +440,11 @@ def _report(span_graph, choice: _Choice, scores, method, target: Target, stages,
     plan, table = choice.plan, choice.table
     chosen = tuple(
         ChosenSpan(
-            span=e.span, option=e.option.id, units=len(span_graph.span(e.span).units),
-            kernel=tuple(e.conv.kernel_size), latency_ms=float(table.entries[e.id]),
+            span=e.span,
+            option=e.option.id,
+            units=len(span_graph.span(e.span).units),
+            kernel=tuple(e.conv.kernel_size),
+            latency_ms=float(table.entries[e.id]),
             importance=float(scores.entries[e.id]),
         )
         for e in plan.chosen(span_graph)
@@ -416,15 +456,27 @@ def _report(span_graph, choice: _Choice, scores, method, target: Target, stages,
         notes = [*notes, f"closed loop: {outcome.why}"]
     context = table.info.get("context_cost")
     if context:
-        notes.append(f"latency table corrected from two end-to-end measurements: each conv costs "
-                     f"{context['per_entry_ms']:+.4f} ms inside the model beyond its entry timed alone")
+        notes.append(
+            f"latency table corrected from two end-to-end measurements: each conv costs "
+            f"{context['per_entry_ms']:+.4f} ms inside the model beyond its entry timed alone"
+        )
     target_ms = target.ms if target.ms is not None else target.ratio * table.original_ms
     return Report(
-        model=span_graph.model, backend=table.backend, method=method, original_ms=float(table.original_ms),
-        target_ms=target_ms, predicted_ms=float(dict(plan.info)["predicted_ms"]),
-        offset_ms=float(table.offset_ms), convs_before=len(span_graph.units), convs_after=len(plan.entries),
-        activations_removed=removed, chosen=chosen, stage_seconds=tuple(stages), notes=tuple(notes),
-        threads=getattr(timer, "threads", None), coverage=span_graph.coverage,
+        model=span_graph.model,
+        backend=table.backend,
+        method=method,
+        original_ms=float(table.original_ms),
+        target_ms=target_ms,
+        predicted_ms=float(dict(plan.info)["predicted_ms"]),
+        offset_ms=float(table.offset_ms),
+        convs_before=len(span_graph.units),
+        convs_after=len(plan.entries),
+        activations_removed=removed,
+        chosen=chosen,
+        stage_seconds=tuple(stages),
+        notes=tuple(notes),
+        threads=getattr(timer, "threads", None),
+        coverage=span_graph.coverage,
         rounds=() if outcome is None else outcome.rounds,
         measured_ms=None if kept is None else kept.measured_ms,
         measured_ratio=None if kept is None else kept.ratio,

@@ -129,7 +129,9 @@ def _drop_constant_arguments(graph: torch.fx.Graph, names: set[str]) -> None:
         graph.erase_node(node)
 
 
-def trace(model: nn.Module, given: int = 1, max_leaves: int = 200) -> tuple[torch.fx.GraphModule, tuple[Rejection, ...]]:
+def trace(
+    model: nn.Module, given: int = 1, max_leaves: int = 200
+) -> tuple[torch.fx.GraphModule, tuple[Rejection, ...]]:
     """``symbolic_trace`` with leaf fallback; raises :class:`CaptureError` if the top level fails."""
     constants = _defaults_beyond(model, given)
     leaves: dict[str, str] = {}
@@ -396,15 +398,23 @@ def _graph_module(working: nn.Module, inputs: tuple) -> tuple[torch.fx.GraphModu
                 "traceable (no Python control flow on input values), or pass a torch.export-ed program."
             ) from exc
         first = str(exc).split(": ", 1)[-1][:200]
-        return exported, "export", (), (f"symbolic_trace of the top-level forward failed ({first}); captured through {how}",)
+        return (
+            exported,
+            "export",
+            (),
+            (f"symbolic_trace of the top-level forward failed ({first}); captured through {how}",),
+        )
     if not leaves:
         return gm, "symbolic_trace", (), ()
     exported, how, _ = _exported(working, inputs)
     if exported is None:
         return gm, "symbolic_trace", leaves, ()
     kept = ", ".join(leaf.node for leaf in leaves[:3]) + (", ..." if len(leaves) > 3 else "")
-    return exported, "export", (), (
-        f"symbolic_trace could only keep {len(leaves)} submodule(s) whole ({kept}); captured through {how} instead",
+    return (
+        exported,
+        "export",
+        (),
+        (f"symbolic_trace could only keep {len(leaves)} submodule(s) whole ({kept}); captured through {how} instead",),
     )
 
 

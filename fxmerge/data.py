@@ -148,7 +148,6 @@ class OnDevice:
                 yield _move(batch, self.device)
 
 
-
 # --------------------------------------------------------------------------- helpers
 def _move(value, device: torch.device):
     return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
@@ -157,9 +156,7 @@ def _move(value, device: torch.device):
 def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(int(v) for v in input_shape)
     if len(shape) not in (3, 4) or any(v < 1 for v in shape):
-        raise DataError(
-            f"image data needs a model input shaped (batch, channels, height, width), got {shape}"
-        )
+        raise DataError(f"image data needs a model input shaped (batch, channels, height, width), got {shape}")
     return shape[-3], shape[-2], shape[-1]
 
 
@@ -186,10 +183,7 @@ def _is_image(name: str) -> bool:
 
 
 def _has_image(folder: Path) -> bool:
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(_is_image(f) for f in files):
-            return True
-    return False
+    return any(any(_is_image(f) for f in files) for _, _, files in os.walk(folder, followlinks=True))
 
 
 def _names(names: Sequence[str], limit: int = 5) -> str:

@@ -72,7 +72,7 @@ def digits(batch_size: int = 64, seed: int = 0):
     split = int(0.8 * len(labels))
 
     def batches(x, y):
-        return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, len(y), batch_size)]
+        return [(x[k : k + batch_size], y[k : k + batch_size]) for k in range(0, len(y), batch_size)]
 
     return batches(images[:split], labels[:split]), batches(images[split:], labels[split:])
 
@@ -101,7 +101,9 @@ def _arguments(argv):
     parser.add_argument("--target", default="60%", help="latency target: '60%%' of the original, or ms")
     parser.add_argument("--out", default="fxmerge-out/demo", help="where the merged model and reports go")
     parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1: stable on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="ONNX Runtime threads (default 1: stable on a shared machine)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -129,8 +131,11 @@ def _rows(report, scores, exact: float, original_ms: float, merged_ms: float, ou
     return [
         ("accuracy (val)", f"{scores[0]:.1%} original", f"{scores[1]:.1%} linearized → {scores[2]:.1%} fine-tuned"),
         ("convs", f"{report.convs_before}", f"{report.convs_after} ({report.activations_removed} activations removed)"),
-        (f"latency ({report.backend}, {report.threads} thr.)", f"{original_ms:.3f} ms",
-         f"{merged_ms:.3f} ms ({merged_ms / original_ms:.1%} of the original)"),
+        (
+            f"latency ({report.backend}, {report.threads} thr.)",
+            f"{original_ms:.3f} ms",
+            f"{merged_ms:.3f} ms ({merged_ms / original_ms:.1%} of the original)",
+        ),
         ("target", f"{asked:.0%} of the original", f"{met} as measured by compress ({report.measured_ratio or 0:.1%})"),
         ("speed-up (measured)", "", f"{original_ms / merged_ms:.2f}× (BatchNorm folded in both, timed side by side)"),
         ("merge exactness", "", f"max|Δ|/max|ref| = {exact:.1e}"),

@@ -61,7 +61,9 @@ def _inner(name: str) -> Callable:
         try:
             import torch_tensorrt  # noqa: F401
         except ImportError as exc:
-            raise RuntimeError("inner backend 'tensorrt' needs Torch-TensorRT: pip install 'fxmerge[tensorrt]'") from exc
+            raise RuntimeError(
+                "inner backend 'tensorrt' needs Torch-TensorRT: pip install 'fxmerge[tensorrt]'"
+            ) from exc
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("torch_tensorrt")

@@ -33,8 +33,13 @@ def export_onnx(module: nn.Module, inputs: tuple, input_names: list[str]) -> byt
         try:
             buffer = io.BytesIO()
             torch.onnx.export(
-                module, inputs, buffer, dynamo=False, opset_version=ONNX_OPSET,
-                input_names=input_names, do_constant_folding=True,
+                module,
+                inputs,
+                buffer,
+                dynamo=False,
+                opset_version=ONNX_OPSET,
+                input_names=input_names,
+                do_constant_folding=True,
             )
             return buffer.getvalue()
         except Exception as error:  # noqa: BLE001 - any exporter failure means: try the other one

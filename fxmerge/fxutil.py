@@ -25,9 +25,7 @@ def as_inputs(example_input: Any) -> tuple:
         return (example_input,)
     if isinstance(example_input, (tuple, list)):
         return tuple(example_input)
-    raise TypeError(
-        f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}"
-    )
+    raise TypeError(f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}")
 
 
 def ints(value: Any, dims: int) -> Ints:
@@ -116,8 +114,13 @@ def set_shape(node: torch.fx.Node, shape: Iterable[int], dtype: torch.dtype | No
     node.meta.pop("val", None)
     node.meta.pop("example_value", None)
     node.meta["tensor_meta"] = TensorMetadata(
-        shape=torch.Size(tuple(shape)), dtype=dtype or torch.float32, requires_grad=False,
-        stride=(), memory_format=None, is_quantized=False, qparams={},
+        shape=torch.Size(tuple(shape)),
+        dtype=dtype or torch.float32,
+        requires_grad=False,
+        stride=(),
+        memory_format=None,
+        is_quantized=False,
+        qparams={},
     )
 
 

@@ -94,10 +94,18 @@ class ConvSpec:
     def of_conv(cls, conv, *, input_shape: Shape, activation: str | None, bias: bool, dtype=None) -> ConvSpec:
         """The spec of a conv given by its geometry (a ``kernels.ConvParams`` or anything with its fields)."""
         return cls(
-            dims=len(conv.kernel_size), in_channels=conv.in_channels, out_channels=conv.out_channels,
-            kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride), padding=tuple(conv.padding),
-            dilation=tuple(conv.dilation), groups=conv.groups, bias=bias, activation=activation,
-            input_shape=tuple(input_shape), dtype=str(dtype).replace("torch.", "") if dtype is not None else "float32",
+            dims=len(conv.kernel_size),
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=tuple(conv.kernel_size),
+            stride=tuple(conv.stride),
+            padding=tuple(conv.padding),
+            dilation=tuple(conv.dilation),
+            groups=conv.groups,
+            bias=bias,
+            activation=activation,
+            input_shape=tuple(input_shape),
+            dtype=str(dtype).replace("torch.", "") if dtype is not None else "float32",
         )
 
     @classmethod

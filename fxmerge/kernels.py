@@ -102,8 +102,14 @@ class ConvParams:
     def to_module(self) -> torch.nn.Module:
         cls = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[self.dims]
         module = cls(
-            self.in_channels, self.out_channels, tuple(self.weight.shape[2:]), stride=self.stride,
-            padding=self.padding, dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+            self.in_channels,
+            self.out_channels,
+            tuple(self.weight.shape[2:]),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
         ).to(dtype=self.weight.dtype, device=self.weight.device)
         with torch.no_grad():
             module.weight.copy_(self.weight)
@@ -298,7 +304,9 @@ def then_conv(
         # grouped kernels stay grouped ([C_mid, C_out / g, *k] per group)
         step = tuple(r * s for r, s in zip(dilation, value.stride))
         transposed = w.reshape((groups, per_out, per_mid) + kernel).transpose(1, 2).reshape((c_mid, per_out) + kernel)
-        combined = _TRANSPOSED[dims](value.weight.transpose(0, 1), transposed, dilation=step, groups=groups).transpose(0, 1)
+        combined = _TRANSPOSED[dims](value.weight.transpose(0, 1), transposed, dilation=step, groups=groups).transpose(
+            0, 1
+        )
     spatial_sums = w.flatten(2).sum(-1).reshape(groups, per_out, per_mid)
     new_bias = torch.bmm(spatial_sums, value.bias.reshape(groups, per_mid, 1)).reshape(c_out)
     sides = tuple(
@@ -454,7 +462,7 @@ def to_conv(value: LinearMap, padding: Ints, *, dtype: torch.dtype = torch.float
         c_out, c_in = weight.shape[:2]
         per_out, per_in = c_out // groups, c_in // groups
         weight = torch.cat(
-            [weight[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] for g in range(groups)]
+            [weight[g * per_out : (g + 1) * per_out, g * per_in : (g + 1) * per_in] for g in range(groups)]
         )
     return ConvParams(
         weight=weight.to(dtype).contiguous(),

@@ -8,13 +8,20 @@ thinks cheap. So ``compress`` does not trust it. After each solve the plan is me
 and timed end to end, side by side with the (BatchNorm-folded) original on the same
 backend, and the measured ratio is compared with the one asked for:
 
-* within ``tolerance`` (default ±3%): done;
+* within ``tolerance`` (default ±3%) by a margin of the measurement's own
+  uncertainty (``|error| + rel_error ≤ tolerance``, so that another timing of the same
+  two models lands within tolerance too): done;
 * otherwise the budget is corrected from what was measured — linearly between the
   two nearest measured plans that bracket the target, else by the ratio of asked to
-  measured — and the solver runs again, for at most ``max_rounds`` solves.
+  measured — and the solver runs again, for at most ``max_rounds`` plans measured.
+  The solver maximises importance within a budget, so a corrected budget can give a
+  plan already measured; the budget is then pushed on in the same direction (2%,
+  doubling) until a new plan comes, a measured plan on the other side of the target
+  comes (no plan lies between: the steps are coarser than the tolerance), or the
+  feasible range ends.
 
 Of the plans measured, the one kept is the most important plan that meets the target
-(within tolerance); when none does, the most important one that is at least as fast
+with that margin; else the most important within tolerance; when none is, the most important one that is at least as fast
 as asked; when none is, the fastest. Every round is reported. A target in
 milliseconds is checked against the merged model's measured milliseconds the same way.
 
@@ -29,6 +36,12 @@ from dataclasses import dataclass
 
 from fxmerge.plan import Plan
 from fxmerge.report import Round
+
+SOLVES_PER_ROUND = 4
+"""Solves allowed per measured round: a solve that returns a plan already measured costs no timing."""
+
+MIN_PUSH = 0.02
+"""When the solver returns a plan already measured, the budget moves on by this share, doubling each time."""
 
 
 @dataclass(frozen=True)
@@ -91,26 +104,37 @@ def meet_target(
     """
     history: list[tuple[float, Plan, Measured]] = [(_predicted(plan), plan, m) for plan, m in seed]
     measured_plans: dict[tuple[str, ...], Measured] = {plan.entries: m for plan, m in seed}
-    why = ""
-    met = any(abs(target.error(m)) <= tolerance for _, _, m in history)
+    why, step, solves = "", 0.0, 0
+    met = any(_settled(target, m, tolerance) for _, _, m in history)
     budget = (_next_budget(history, target, budget_range) if history else None) or _clamp(first_budget_ms, budget_range)
-    for _ in range(max_rounds - len(history) if not met else 0):
-        plan = solve_at(budget)
-        repeat = plan.entries in measured_plans
-        measured = measured_plans.get(plan.entries) or measure(plan)
-        measured_plans[plan.entries] = measured
-        history.append((budget, plan, measured))
-        if abs(target.error(measured)) <= tolerance:
-            break
-        if repeat and len(history) > 1 and history[-2][1].entries == plan.entries:
+    while not met and len(history) < max_rounds and solves < SOLVES_PER_ROUND * max_rounds:
+        plan, solves = solve_at(budget), solves + 1
+        known = measured_plans.get(plan.entries)
+        if known is None:
+            known = measured_plans[plan.entries] = measure(plan)
+            history.append((budget, plan, known))
+            met, step = _settled(target, known, tolerance), 0.0
+            following = None if met else _next_budget(history, target, budget_range)
+            if following is not None:
+                budget = following
+                continue
+        elif target.error(known) * target.error(history[-1][2]) < 0:
             why = "the plans the solver picks near the target differ by more than the tolerance"
             break
-        following = _next_budget(history, target, budget_range)
-        if following is None:
+        if met:
+            break
+        step = max(2.0 * step, MIN_PUSH * budget)  # the solver gave a plan already measured: push further
+        following = _clamp(budget + (step if target.error(known) < 0 else -step), budget_range)
+        if following == budget:
             why = "no budget in the feasible range moves the plan closer to the target"
             break
         budget = following
     return _keep_best(history, target, tolerance, why, max_rounds)
+
+
+def _settled(target: Target, measured: Measured, tolerance: float) -> bool:
+    """Within tolerance even at the far end of the measurement's uncertainty."""
+    return abs(target.error(measured)) + measured.rel_error <= tolerance
 
 
 def _predicted(plan: Plan) -> float:
@@ -141,8 +165,12 @@ def _clamp(value: float, bounds: tuple[float, float]) -> float:
 def _keep_best(history, target: Target, tolerance: float, why: str, max_rounds: int) -> LoopOutcome:
     rounds = tuple(
         Round(
-            budget_ms=budget, predicted_ms=_predicted(plan), measured_ms=m.merged_ms, original_ms=m.original_ms,
-            ratio=m.ratio, met=abs(target.error(m)) <= tolerance,
+            budget_ms=budget,
+            predicted_ms=_predicted(plan),
+            measured_ms=m.merged_ms,
+            original_ms=m.original_ms,
+            ratio=m.ratio,
+            met=abs(target.error(m)) <= tolerance,
         )
         for budget, plan, m in history
     )
@@ -150,10 +178,11 @@ def _keep_best(history, target: Target, tolerance: float, why: str, max_rounds: 
     def objective(item) -> float:
         return float(dict(item[1].info).get("objective", 0.0))
 
+    settled = [item for item in history if _settled(target, item[2], tolerance)]
     met = [item for item in history if abs(target.error(item[2])) <= tolerance]
     fast_enough = [item for item in history if target.error(item[2]) <= tolerance]
-    if met:
-        chosen = max(met, key=objective)
+    if settled or met:
+        chosen = max(settled or met, key=objective)
     elif fast_enough:
         chosen = max(fast_enough, key=objective)
     else:

@@ -53,13 +53,21 @@ _MUL_METHODS = {"mul", "__mul__", "__rmul__"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
 _EVAL_DROPOUT = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, F.alpha_dropout: 2}
 _ATEN_DROPOUT = {
-    torch.dropout, aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default,
+    torch.dropout,
+    aten.dropout.default,
+    aten.dropout_.default,
+    aten.feature_dropout.default,
     aten.feature_dropout_.default,
 }
 _IDENTITY_FUNCTIONS = {torch.clone, aten.clone.default, aten.alias.default, F.feature_alpha_dropout}
 _TRANSPARENT_METHODS = {"clone", "contiguous"}
 _TRANSPARENT_MODULES: tuple[type, ...] = (
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
 )
 _TRANSPARENT_MODULE_NAMES = {"DropPath", "StochasticDepth", "DropBlock2d"}
 
@@ -126,9 +134,14 @@ def _module_conv(node: torch.fx.Node, module: nn.modules.conv._ConvNd) -> ConvSi
     dims = module.weight.dim() - 2
     padding = module.padding if isinstance(module.padding, str) else ints(module.padding, dims)
     params = ConvParams(
-        weight=module.weight, bias=module.bias, stride=ints(module.stride, dims),
-        padding=(0,) * dims if isinstance(padding, str) else padding, dilation=ints(module.dilation, dims),
-        groups=module.groups, padding_mode=module.padding_mode, transposed=module.transposed,
+        weight=module.weight,
+        bias=module.bias,
+        stride=ints(module.stride, dims),
+        padding=(0,) * dims if isinstance(padding, str) else padding,
+        dilation=ints(module.dilation, dims),
+        groups=module.groups,
+        padding_mode=module.padding_mode,
+        transposed=module.transposed,
     )
     return ConvSite(node, node.args[0], params, padding, node.target)
 
@@ -141,9 +154,12 @@ def _functional_conv(node: torch.fx.Node, gm: torch.fx.GraphModule) -> ConvSite 
     padding = arg(node, 4, "padding", 0)
     padding = padding if isinstance(padding, str) else ints(padding, dims)
     params = ConvParams(
-        weight=weight, bias=fetch(gm, arg(node, 2, "bias")), stride=ints(arg(node, 3, "stride", 1), dims),
+        weight=weight,
+        bias=fetch(gm, arg(node, 2, "bias")),
+        stride=ints(arg(node, 3, "stride", 1), dims),
         padding=(0,) * dims if isinstance(padding, str) else padding,
-        dilation=ints(arg(node, 5, "dilation", 1), dims), groups=int(arg(node, 6, "groups", 1)),
+        dilation=ints(arg(node, 5, "dilation", 1), dims),
+        groups=int(arg(node, 6, "groups", 1)),
     )
     return ConvSite(node, node.args[0], params, padding, _weight_owner(arg(node, 1, "weight")) or node.name)
 
@@ -155,8 +171,13 @@ def _aten_convolution(node: torch.fx.Node, gm: torch.fx.GraphModule) -> ConvSite
     dims = weight.dim() - 2
     padding = ints(node.args[4], dims)
     params = ConvParams(
-        weight=weight, bias=fetch(gm, node.args[2]), stride=ints(node.args[3], dims), padding=padding,
-        dilation=ints(node.args[5], dims), groups=int(node.args[8]), transposed=bool(node.args[6]),
+        weight=weight,
+        bias=fetch(gm, node.args[2]),
+        stride=ints(node.args[3], dims),
+        padding=padding,
+        dilation=ints(node.args[5], dims),
+        groups=int(node.args[8]),
+        transposed=bool(node.args[6]),
     )
     return ConvSite(node, node.args[0], params, padding, _weight_owner(node.args[1]) or node.name)
 
@@ -232,8 +253,13 @@ def _functional_batchnorm(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Affi
     if node.target is F.batch_norm:
         if arg(node, 5, "training", False):
             return None
-        slots = (arg(node, 1, "running_mean"), arg(node, 2, "running_var"), arg(node, 3, "weight"),
-                 arg(node, 4, "bias"), arg(node, 7, "eps", 1e-5))
+        slots = (
+            arg(node, 1, "running_mean"),
+            arg(node, 2, "running_var"),
+            arg(node, 3, "weight"),
+            arg(node, 4, "bias"),
+            arg(node, 7, "eps", 1e-5),
+        )
     else:  # aten.batch_norm(input, weight, bias, mean, var, training, momentum, eps, cudnn)
         if node.args[5]:
             return None
@@ -245,11 +271,26 @@ def _functional_batchnorm(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Affi
 
 
 _SCALAR_OPS = {
-    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", aten.mul.Tensor: "mul", aten.mul.Scalar: "mul",
-    operator.truediv: "div", operator.itruediv: "div", torch.div: "div", aten.div.Tensor: "div",
-    aten.div.Scalar: "div", operator.add: "add", operator.iadd: "add", aten.add.Scalar: "add",
-    aten.add.Tensor: "add", torch.add: "add", operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
-    aten.sub.Tensor: "sub", aten.sub.Scalar: "sub",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    aten.mul.Tensor: "mul",
+    aten.mul.Scalar: "mul",
+    operator.truediv: "div",
+    operator.itruediv: "div",
+    torch.div: "div",
+    aten.div.Tensor: "div",
+    aten.div.Scalar: "div",
+    operator.add: "add",
+    operator.iadd: "add",
+    aten.add.Scalar: "add",
+    aten.add.Tensor: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    operator.isub: "sub",
+    torch.sub: "sub",
+    aten.sub.Tensor: "sub",
+    aten.sub.Scalar: "sub",
 }
 
 
@@ -362,9 +403,16 @@ _NEAREST_PACKETS = {getattr(aten, f"upsample_nearest{d}d", None) for d in (1, 2,
 _MATMUL_FUNCTIONS = {torch.bmm, torch.matmul, torch.mm, torch.baddbmm, torch.einsum, operator.matmul}
 _MATMUL_METHODS = {"bmm", "matmul", "mm", "baddbmm", "__matmul__"}
 _MATMUL_PACKETS = {
-    getattr(aten, name, None) for name in (
-        "bmm", "mm", "matmul", "baddbmm", "einsum", "scaled_dot_product_attention",
-        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    getattr(aten, name, None)
+    for name in (
+        "bmm",
+        "mm",
+        "matmul",
+        "baddbmm",
+        "einsum",
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_flash_attention_for_cpu",
     )
 } - {None}

@@ -45,14 +45,25 @@ from fxmerge.nodes import (
 aten = torch.ops.aten
 
 _NORM_FUNCTIONS = {
-    F.group_norm: "group_norm", torch.group_norm: "group_norm", aten.group_norm.default: "group_norm",
-    F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm", aten.layer_norm.default: "layer_norm",
-    F.instance_norm: "instance_norm", torch.instance_norm: "instance_norm",
+    F.group_norm: "group_norm",
+    torch.group_norm: "group_norm",
+    aten.group_norm.default: "group_norm",
+    F.layer_norm: "layer_norm",
+    torch.layer_norm: "layer_norm",
+    aten.layer_norm.default: "layer_norm",
+    F.instance_norm: "instance_norm",
+    torch.instance_norm: "instance_norm",
     aten.instance_norm.default: "instance_norm",
 }
 _NATIVE_NORMS = {aten.native_group_norm.default: "group_norm", aten.native_layer_norm.default: "layer_norm"}
-_VIEW_FUNCTIONS = {torch.unsqueeze, torch.reshape, aten.unsqueeze.default, aten.view.default,
-                   aten.reshape.default, aten._unsafe_view.default}
+_VIEW_FUNCTIONS = {
+    torch.unsqueeze,
+    torch.reshape,
+    aten.unsqueeze.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+}
 _VIEW_METHODS = {"unsqueeze", "view", "reshape"}
 
 
@@ -82,7 +93,11 @@ def norm_site(node: torch.fx.Node, gm: torch.fx.GraphModule) -> NormSite | None:
     if node.target in _NATIVE_NORMS:  # described through its only used output, getitem(0)
         firsts = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
         others = [u for u in node.users if u not in firsts and u.users]
-        return NormSite(firsts[0], node.args[0], _NATIVE_NORMS[node.target], (node,)) if len(firsts) == 1 and not others else None
+        return (
+            NormSite(firsts[0], node.args[0], _NATIVE_NORMS[node.target], (node,))
+            if len(firsts) == 1 and not others
+            else None
+        )
     return None
 
 
@@ -229,7 +244,11 @@ def side_producer(side: torch.fx.Node, gm: torch.fx.GraphModule) -> tuple[Linear
         if linear is not None:
             return (linear, len(shape) - 2) if shape_of(node) == shape[:2] else None
         source = node.args[0] if node.args else None
-        if not isinstance(source, torch.fx.Node) or not _adds_singletons(node, source) or len(value_readers(source)) != 1:
+        if (
+            not isinstance(source, torch.fx.Node)
+            or not _adds_singletons(node, source)
+            or len(value_readers(source)) != 1
+        ):
             return None
         node = source
 
@@ -244,4 +263,4 @@ def _adds_singletons(node: torch.fx.Node, source: torch.fx.Node) -> bool:
     before, after = shape_of(source), shape_of(node)
     if not view or before is None or after is None or len(after) < len(before):
         return False
-    return after[: len(before)] == before and all(s == 1 for s in after[len(before):])
+    return after[: len(before)] == before and all(s == 1 for s in after[len(before) :])

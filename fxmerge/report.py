@@ -79,19 +79,25 @@ class Report:
     def to_markdown(self) -> str:
         lines = [f"# fxmerge report: {self.model}", "", *self.summary_lines(), ""]
         if self.rounds:
-            lines += ["| round | budget (ms) | predicted (ms) | measured (ms) | measured ratio | met |",
-                      "|---|---|---|---|---|---|"]
+            lines += [
+                "| round | budget (ms) | predicted (ms) | measured (ms) | measured ratio | met |",
+                "|---|---|---|---|---|---|",
+            ]
             for k, r in enumerate(self.rounds, 1):
                 measured = "" if r.measured_ms is None else f"{r.measured_ms:.3f}"
                 ratio = "" if r.ratio is None else f"{r.ratio:.1%}"
-                lines.append(f"| {k} | {r.budget_ms:.3f} | {r.predicted_ms:.3f} | {measured} | {ratio} | "
-                             f"{'' if r.met is None else ('yes' if r.met else 'no')} |")
+                lines.append(
+                    f"| {k} | {r.budget_ms:.3f} | {r.predicted_ms:.3f} | {measured} | {ratio} | "
+                    f"{'' if r.met is None else ('yes' if r.met else 'no')} |"
+                )
             lines.append("")
         lines += ["| span | option | convs | merged kernel | latency (ms) | importance |", "|---|---|---|---|---|---|"]
         for c in self.chosen:
             if c.units > 1 or c.option != "keep":
                 kernel = "×".join(map(str, c.kernel))
-                lines.append(f"| {c.span} | {c.option} | {c.units} | {kernel} | {c.latency_ms:.4f} | {c.importance:.4f} |")
+                lines.append(
+                    f"| {c.span} | {c.option} | {c.units} | {kernel} | {c.latency_ms:.4f} | {c.importance:.4f} |"
+                )
         lines += ["", "| stage | seconds |", "|---|---|"]
         lines += [f"| {name} | {seconds:.1f} |" for name, seconds in self.stage_seconds]
         lines += [f"\n{note}" for note in self.notes]

@@ -98,9 +98,7 @@ class InfeasibleBudget(ValueError):
     (``None`` if more bins are needed first).
     """
 
-    def __init__(
-        self, message: str, *, budget_ms: float, min_latency_ms: float, suggested_ms: float | None
-    ):
+    def __init__(self, message: str, *, budget_ms: float, min_latency_ms: float, suggested_ms: float | None):
         super().__init__(message)
         self.budget_ms = budget_ms
         self.min_latency_ms = min_latency_ms
@@ -224,9 +222,7 @@ def _admits(method: str) -> Callable[[Span, Option], bool]:
         return lambda _span, option: not option.pruned
     if method == "layer":
         return lambda span, option: not span.joins and len(span.units) - len(option.pruned) == 1
-    raise ValueError(
-        f"unknown method {method!r}; valid methods are {', '.join(map(repr, METHODS))}"
-    )
+    raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(map(repr, METHODS))}")
 
 
 def _compile(span_graph: SpanGraph, method: str) -> tuple[_Program, ...]:
@@ -234,9 +230,7 @@ def _compile(span_graph: SpanGraph, method: str) -> tuple[_Program, ...]:
     return tuple(_compile_chain(chain, span_graph, admits) for chain in span_graph.chains)
 
 
-def _compile_chain(
-    chain: Chain, span_graph: SpanGraph, admits: Callable[[Span, Option], bool]
-) -> _Program:
+def _compile_chain(chain: Chain, span_graph: SpanGraph, admits: Callable[[Span, Option], bool]) -> _Program:
     if len(chain.steps) != len(chain.positions) - 1:
         raise ValueError(
             f"malformed chain starting at {chain.positions[:1]}: {len(chain.positions)} positions "
@@ -246,15 +240,11 @@ def _compile_chain(
     arrivals: list[list[_Jump | _Walk]] = [[] for _ in chain.positions]
     for span in chain_spans(chain, span_graph):
         i, j = index[span.start], index[span.end]
-        arrivals[j].extend(
-            _Jump(i, (entry_id(span.id, option.id),)) for option in span.options if admits(span, option)
-        )
+        arrivals[j].extend(_Jump(i, (entry_id(span.id, option.id),)) for option in span.options if admits(span, option))
     for k, step in enumerate(chain.steps):
         if step.kind == "parallel":
             if not isinstance(step.region, Parallel):
-                raise ValueError(
-                    f"parallel step after {chain.positions[k]!r} has no Parallel region"
-                )
+                raise ValueError(f"parallel step after {chain.positions[k]!r} has no Parallel region")
             branches = tuple(_compile_chain(b, span_graph, admits) for b in step.region.branches)
             arrivals[k + 1].append(_Walk(branches))
         elif step.kind != "unit":
@@ -297,24 +287,18 @@ def _require(table: Mapping[str, float], ids: list[str], what: str, *, nonnegati
         value = float(table[e])
         if not math.isfinite(value) or (nonnegative and value < 0):
             kind = "a finite, non-negative" if nonnegative else "a finite"
-            raise ValueError(
-                f"the {what} gives entry {e!r} the value {value!r}; it must be {kind} number"
-            )
+            raise ValueError(f"the {what} gives entry {e!r} the value {value!r}; it must be {kind} number")
 
 
 def _check_bins(bins) -> int:
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)):
         raise TypeError(f"bins must be an integer, got {bins!r}")
     if bins < MIN_BINS:
-        raise ValueError(
-            f"bins must be at least {MIN_BINS} (got {bins}): fewer bins make the rounding loss too large"
-        )
+        raise ValueError(f"bins must be at least {MIN_BINS} (got {bins}): fewer bins make the rounding loss too large")
     return int(bins)
 
 
-def _bin_costs(
-    latency: Mapping[str, float], ids: list[str], available: float, bins: int
-) -> dict[str, int]:
+def _bin_costs(latency: Mapping[str, float], ids: list[str], available: float, bins: int) -> dict[str, int]:
     """Each entry's latency in whole bins of (a hair under) ``available / bins`` ms, rounded up.
 
     An entry that alone overflows the budget costs ``bins + 1``.
@@ -348,9 +332,7 @@ class _MaxPlus:
         self.bins = bins
 
     def _jump(self, jump: _Jump) -> tuple[int, float]:
-        return sum(self.cost[e] for e in jump.entries), math.fsum(
-            self.value[e] for e in jump.entries
-        )
+        return sum(self.cost[e] for e in jump.entries), math.fsum(self.value[e] for e in jump.entries)
 
     def run(self, program: _Program, start: np.ndarray) -> tuple[np.ndarray, _Trace]:
         """Thread ``start`` through the chain; return its last position's curve."""
@@ -388,9 +370,7 @@ class _MaxPlus:
                 budget -= self._jump(arrival)[0]
                 j = arrival.start
             else:
-                for branch, branch_trace in reversed(
-                    list(zip(arrival.branches, trace.walks[(j, r)]))
-                ):
+                for branch, branch_trace in reversed(list(zip(arrival.branches, trace.walks[(j, r)]))):
                     budget = self.backtrack(branch, branch_trace, budget, out)
                 j -= 1
         return budget
@@ -405,9 +385,7 @@ def _fastest(programs: Iterable[_Program], latency: Mapping[str, float]) -> tupl
     return best
 
 
-def _fastest_chain(
-    program: _Program, latency: Mapping[str, float], start: tuple[float, int]
-) -> tuple[float, int]:
+def _fastest_chain(program: _Program, latency: Mapping[str, float], start: tuple[float, int]) -> tuple[float, int]:
     reach = [start]
     for j in range(1, len(program.arrivals)):
         offers = []
@@ -457,11 +435,7 @@ def _infeasible(
         )
     # The fastest plan survives rounding once sum ceil(l/w) <= spent/w + count <= bins,
     # i.e. once the budget reaches offset + spent * bins / (bins - count) (w narrowed).
-    suggested = (
-        _round_up(offset + spent * bins / ((bins - count) * (1 - _WIDTH_MARGIN)))
-        if count < bins
-        else None
-    )
+    suggested = _round_up(offset + spent * bins / ((bins - count) * (1 - _WIDTH_MARGIN))) if count < bins else None
     advice = (
         f"ask for a target of at least {suggested:.6g} ms"
         if suggested is not None
@@ -478,6 +452,4 @@ def _infeasible(
             f"have ({fastest:.6g} ms), and with every entry's latency rounded up to whole bins of "
             f"{(budget - offset) / bins:.3g} ms no plan provably fits; {advice} (or pass more bins)"
         )
-    return InfeasibleBudget(
-        message, budget_ms=budget, min_latency_ms=fastest, suggested_ms=suggested
-    )
+    return InfeasibleBudget(message, budget_ms=budget, min_latency_ms=fastest, suggested_ms=suggested)

@@ -155,8 +155,7 @@ def finetune(
     for epoch in range(epochs):
         batches.set_epoch(epoch)
         moved = (_whole(b, device) if loss_fn else _moved(b, device) for b in batches)
-        train_steps(net, moved, loss_of, opt, schedule,
-                    on_step=None if bar.disable else shown)
+        train_steps(net, moved, loss_of, opt, schedule, on_step=None if bar.disable else shown)
     bar.close()
     _same_buffers(model)
     model.eval()
@@ -240,12 +239,21 @@ def rank_batches(data: Iterable | Dataset, batch_size: int = 32) -> _Batches:
         if world == 1:
             return _Batches(data)
         sampler = DistributedSampler(
-            data.dataset, num_replicas=world, rank=rank, shuffle=isinstance(data.sampler, RandomSampler),
-            seed=0, drop_last=data.drop_last,
+            data.dataset,
+            num_replicas=world,
+            rank=rank,
+            shuffle=isinstance(data.sampler, RandomSampler),
+            seed=0,
+            drop_last=data.drop_last,
         )
         loader = DataLoader(
-            data.dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers,
-            collate_fn=data.collate_fn, pin_memory=data.pin_memory, drop_last=data.drop_last,
+            data.dataset,
+            batch_size=data.batch_size,
+            sampler=sampler,
+            num_workers=data.num_workers,
+            collate_fn=data.collate_fn,
+            pin_memory=data.pin_memory,
+            drop_last=data.drop_last,
         )
         return _Batches(loader, sampler)
     if _map_style(data) and not isinstance(data, DataLoader):
@@ -266,8 +274,10 @@ def rank_share(data: Iterable) -> Iterable:
     if isinstance(data, DataLoader) and _map_style(data.dataset) and data.batch_size is not None:
         indices = list(range(rank, len(data.dataset), world))  # type: ignore[arg-type]
         return DataLoader(
-            torch.utils.data.Subset(data.dataset, indices), batch_size=data.batch_size,
-            num_workers=data.num_workers, collate_fn=data.collate_fn,
+            torch.utils.data.Subset(data.dataset, indices),
+            batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            collate_fn=data.collate_fn,
         )
     return list(data)[rank::world]
 

@@ -101,7 +101,7 @@ class AttnBlock(nn.Module):
         n, c, height, width = q.shape
         q = q.reshape(n, c, height * width).permute(0, 2, 1)  # (n, hw, c)
         k = k.reshape(n, c, height * width)  # (n, c, hw)
-        weights = torch.softmax(torch.bmm(q, k) * (c ** -0.5), dim=2)  # (n, hw_query, hw_key)
+        weights = torch.softmax(torch.bmm(q, k) * (c**-0.5), dim=2)  # (n, hw_query, hw_key)
         v = v.reshape(n, c, height * width)
         h = torch.bmm(v, weights.permute(0, 2, 1)).reshape(n, c, height, width)
         return x + self.proj_out(h)

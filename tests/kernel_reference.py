@@ -33,14 +33,18 @@ def conv_params(conv: torch.nn.Module) -> ConvParams:
     """The tensors and settings of an ``nn.Conv*`` module (transposed convs included)."""
     if isinstance(conv, torch.nn.modules.conv._ConvTransposeNd):
         return ConvParams(
-            conv.weight.detach(), None, tuple(conv.stride), (0,), tuple(conv.dilation),
-            conv.groups, conv.padding_mode, transposed=True,
+            conv.weight.detach(),
+            None,
+            tuple(conv.stride),
+            (0,),
+            tuple(conv.dilation),
+            conv.groups,
+            conv.padding_mode,
+            transposed=True,
         )
     dims = conv.weight.dim() - 2
     if isinstance(conv.padding, str):
-        raise ValueError(
-            f"conv uses padding={conv.padding!r}; resolve it to explicit integers before composing"
-        )
+        raise ValueError(f"conv uses padding={conv.padding!r}; resolve it to explicit integers before composing")
     return ConvParams(
         weight=conv.weight.detach(),
         bias=None if conv.bias is None else conv.bias.detach(),
@@ -91,9 +95,7 @@ def span_padding(convs: list[ConvParams] | list[tuple[Ints, Ints]]) -> Ints:
     return tuple(total)
 
 
-def chain_map(
-    convs: list[ConvParams], affines: list | None = None, *, leading: Ints | None = None
-) -> LinearMap:
+def chain_map(convs: list[ConvParams], affines: list | None = None, *, leading: Ints | None = None) -> LinearMap:
     """The LinearMap of a conv chain run unpadded (affines[k] = (scale, shift) after conv k).
 
     ``leading`` crops that many elements off the start of the chain's *input* first
@@ -132,7 +134,9 @@ def compose(first: ConvParams, second: ConvParams) -> ConvParams:
         )
     value = chain_map([first, second])
     return to_conv(
-        value, span_padding([first, second]), dtype=first.weight.dtype,
+        value,
+        span_padding([first, second]),
+        dtype=first.weight.dtype,
         bias=first.bias is not None or second.bias is not None,
     )
 

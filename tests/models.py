@@ -379,9 +379,7 @@ CASES: dict[str, tuple[type[nn.Module], tuple]] = {
 }
 """name → (model class, input shape; a tuple of shapes for multi-input models)."""
 
-TENSOR_CASES = tuple(
-    name for name in CASES if name not in ("dict_output", "namedtuple_output", "tuple_input")
-)
+TENSOR_CASES = tuple(name for name in CASES if name not in ("dict_output", "namedtuple_output", "tuple_input"))
 """Models taking one tensor and returning one tensor."""
 
 

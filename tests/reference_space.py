@@ -127,8 +127,9 @@ class SpaceDiff:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.extra or self.outside or self.options
-                    or self.removable_missing or self.removable_extra)
+        return not (
+            self.missing or self.extra or self.outside or self.options or self.removable_missing or self.removable_extra
+        )
 
     def summary(self, limit: int = 12) -> str:
         ref, act = self.reference, self.actual
@@ -153,11 +154,13 @@ class SpaceDiff:
         section("missing spans", [f"{ref.label(s)} {options(s)}" for s in self.missing])
         section("extra spans", [f"{act.label(s)} {options(s)}" for s in self.extra])
         if self.outside:
-            lines.append(f"extra spans outside the table ({len(self.outside)}): "
-                         + ", ".join(act.label(s) for s in self.outside))
-        section("option differences", [
-            f"{ref.label(r)}: reference {options(r)}, fxmerge {options(a)}" for r, a in self.options
-        ])
+            lines.append(
+                f"extra spans outside the table ({len(self.outside)}): " + ", ".join(act.label(s) for s in self.outside)
+            )
+        section(
+            "option differences",
+            [f"{ref.label(r)}: reference {options(r)}, fxmerge {options(a)}" for r, a in self.options],
+        )
         for title, names in (("missing", self.removable_missing), ("extra", self.removable_extra)):
             listed = ", ".join(f"#{ref.number(n)} {n}" if ref.number(n) else n for n in names)
             lines.append(f"removable positions {title} ({len(names)})" + (f": after {listed}" if names else ""))
@@ -178,9 +181,9 @@ def load_reference(path: str | Path = REFERENCE) -> Space:
     spans = []
     for item in data["span_list"]:
         convs = tuple(names[i - 1] for i in range(item["start"] + 1, item["end"] + 1))
-        options = tuple(sorted(
-            _option_form(o["kernel"], o["keeps"], bool(o.get("identity", False))) for o in item["options"]
-        ))
+        options = tuple(
+            sorted(_option_form(o["kernel"], o["keeps"], bool(o.get("identity", False))) for o in item["options"])
+        )
         spans.append(SpanForm(first=convs[0], last=convs[-1], convs=convs, options=options))
     removable = frozenset(names[p - 1] for p in data["removable_positions"])
     return Space(conv_names=names, spans=tuple(spans), removable=removable)
@@ -226,11 +229,11 @@ def space_of_graph(graph: SpanGraph, reference: Space) -> Space:
             units = tuple(span.units) or (span.id,)
             outside.append(SpanForm(first=units[0], last=units[-1], convs=(), options=options, extra_units=units))
             continue
-        spans.append(SpanForm(first=numbered[0], last=numbered[-1], convs=numbered, options=options,
-                              extra_units=extra))
+        spans.append(SpanForm(first=numbered[0], last=numbered[-1], convs=numbered, options=options, extra_units=extra))
     spans.sort(key=lambda s: (order[s.first], order[s.last]))
-    return Space(conv_names=reference.conv_names, spans=tuple(spans), removable=_removable(graph),
-                 outside=tuple(outside))
+    return Space(
+        conv_names=reference.conv_names, spans=tuple(spans), removable=_removable(graph), outside=tuple(outside)
+    )
 
 
 def compare(reference: Space, actual: Space, *, count_outside: bool = True) -> SpaceDiff:
@@ -256,10 +259,15 @@ def compare(reference: Space, actual: Space, *, count_outside: bool = True) -> S
     missing = tuple(s for key, s in ours.items() if key not in theirs)
     options = tuple((s, theirs[key]) for key, s in ours.items() if key in theirs and s.options != theirs[key].options)
     return SpaceDiff(
-        reference=reference, actual=actual, missing=missing, extra=tuple(extra), options=options,
+        reference=reference,
+        actual=actual,
+        missing=missing,
+        extra=tuple(extra),
+        options=options,
         removable_missing=tuple(sorted(reference.removable - actual.removable, key=_conv_order(reference))),
         removable_extra=tuple(sorted(actual.removable - reference.removable, key=_conv_order(reference))),
-        outside=actual.outside if count_outside else (), notes=tuple(notes),
+        outside=actual.outside if count_outside else (),
+        notes=tuple(notes),
     )
 
 

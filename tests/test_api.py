@@ -55,8 +55,14 @@ def compressed(trained, tmp_path_factory):
     model, _, val = trained
     cache = tmp_path_factory.mktemp("cache")
     result = fxmerge.compress(
-        model, torch.randn(1, 1, 32, 32), "70%", backend=FlopsBackend(), data=val[:1], cache_dir=cache,
-        progress=False, max_kernel=5,
+        model,
+        torch.randn(1, 1, 32, 32),
+        "70%",
+        backend=FlopsBackend(),
+        data=val[:1],
+        cache_dir=cache,
+        progress=False,
+        max_kernel=5,
     )
     return result
 
@@ -96,8 +102,14 @@ def test_unreachable_target_names_the_smallest_latency(trained, tmp_path):
     model, _, val = trained
     with pytest.raises(InfeasibleBudget, match=r"smallest|minimum"):
         fxmerge.compress(
-            model, torch.randn(1, 1, 32, 32), 1e-6, backend=FlopsBackend(), importance=lambda m: 0.0,
-            cache_dir=tmp_path, progress=False, max_kernel=5,
+            model,
+            torch.randn(1, 1, 32, 32),
+            1e-6,
+            backend=FlopsBackend(),
+            importance=lambda m: 0.0,
+            cache_dir=tmp_path,
+            progress=False,
+            max_kernel=5,
         )
 
 
@@ -124,7 +136,9 @@ def test_wrong_input_shape_is_a_clear_error(trained):
 
 def test_nothing_to_merge_gives_a_report(tmp_path):
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
-    result = fxmerge.compress(mlp, torch.randn(1, 1, 4, 4), "100%", backend=FlopsBackend(), cache_dir=tmp_path, progress=False)
+    result = fxmerge.compress(
+        mlp, torch.randn(1, 1, 4, 4), "100%", backend=FlopsBackend(), cache_dir=tmp_path, progress=False
+    )
     assert result.report.convs_before == 0
     assert any("nothing to merge" in note for note in result.report.notes)
     with torch.no_grad():
@@ -185,7 +199,9 @@ def test_closed_loop_meets_the_target_as_measured(tmp_path, bias):
     torch.manual_seed(0)
     model = Ladder().eval()
     x = torch.randn(1, 1, 16, 16)
-    kwargs = dict(backend=BiasedBackend(bias), importance="distortion", cache_dir=tmp_path, progress=False, max_kernel=5)
+    kwargs = dict(
+        backend=BiasedBackend(bias), importance="distortion", cache_dir=tmp_path, progress=False, max_kernel=5
+    )
     trusting = fxmerge.compress(model, x, "70%", closed_loop=False, **kwargs)
     result = fxmerge.compress(model, x, "70%", **kwargs)
     report = result.report
@@ -208,8 +224,11 @@ def test_closed_loop_reports_plainly_when_it_cannot_meet_the_target(trained, tmp
     model, _, val = trained
     x = torch.randn(1, 1, 32, 32)
     backend = BiasedBackend(1.0, fixed_ms=6.0)  # a fixed cost no merge removes
-    with pytest.raises(TargetUnreachable, match=r"target 20% cannot be met on biased .*the smallest achievable is "
-                       r"[\d.]+% of the original, measured on the fastest plan .*ask for \d+% or more") as info:
+    with pytest.raises(
+        TargetUnreachable,
+        match=r"target 20% cannot be met on biased .*the smallest achievable is "
+        r"[\d.]+% of the original, measured on the fastest plan .*ask for \d+% or more",
+    ) as info:
         fxmerge.compress(model, x, "20%", backend=backend, data=val[:1], cache_dir=tmp_path, progress=False)
     assert info.value.unit == "fraction" and info.value.smallest > 0.2
 
@@ -225,8 +244,16 @@ def test_compress_traces_the_model_once(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.fx.Tracer, "trace", counting)
     model, _, val = trained
-    fxmerge.compress(model, torch.randn(1, 1, 32, 32), "70%", backend="eager", importance="distortion",
-                     cache_dir=tmp_path, progress=False, max_kernel=5)
+    fxmerge.compress(
+        model,
+        torch.randn(1, 1, 32, 32),
+        "70%",
+        backend="eager",
+        importance="distortion",
+        cache_dir=tmp_path,
+        progress=False,
+        max_kernel=5,
+    )
     assert calls == ["DigitsNet"], calls
 
 

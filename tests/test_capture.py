@@ -130,8 +130,14 @@ class _ShapeGuarded(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
 
     def forward(self, x):
         if x.shape[-1] % 8 != 0:
@@ -264,9 +270,18 @@ def _structure(graph):
 
 
 FORM_CASES = [
-    "basic_block", "downsample_block", "inverted_residual", "inception", "conv_chain",
-    "functional_activations", "shared_conv", "depthwise_chain", "conv1d_chain", "dict_output",
-    "namedtuple_output", "tuple_input",
+    "basic_block",
+    "downsample_block",
+    "inverted_residual",
+    "inception",
+    "conv_chain",
+    "functional_activations",
+    "shared_conv",
+    "depthwise_chain",
+    "conv1d_chain",
+    "dict_output",
+    "namedtuple_output",
+    "tuple_input",
 ]
 
 
@@ -346,8 +361,19 @@ def test_three_graph_forms_agree_on_resnet18():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "inception_v3",
-             "googlenet", "densenet121", "shufflenet_v2_x0_5", "resnext50_32x4d", "convnext_tiny"],
+    "name",
+    [
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "efficientnet_b0",
+        "regnet_y_400mf",
+        "inception_v3",
+        "googlenet",
+        "densenet121",
+        "shufflenet_v2_x0_5",
+        "resnext50_32x4d",
+        "convnext_tiny",
+    ],
 )
 def test_three_graph_forms_agree_on_torchvision(name):
     """Everything but the pinned reasons and rejections (which quote node and op

@@ -120,8 +120,14 @@ def test_inspect_json(capsys):
 
 def test_inspect_exclude_and_multiple_inputs(capsys):
     status, out, _ = run(
-        capsys, "inspect", "tests.models:TupleInput", "--input-shape", "1,3,16,16;1,3,16,16",
-        "--exclude", "body.1", "--json",
+        capsys,
+        "inspect",
+        "tests.models:TupleInput",
+        "--input-shape",
+        "1,3,16,16;1,3,16,16",
+        "--exclude",
+        "body.1",
+        "--json",
     )
     assert status == 0
     data = json.loads(out)
@@ -336,9 +342,20 @@ def compressed(tiny, tmp_path_factory):
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
         patch.setattr("fxmerge.cli.common.latency_backend", flops_backend)
-        status = main([
-            "compress", tiny, *SHAPE, "--target", "60%", "--cache-dir", str(cache), "--out", str(out), "--no-progress",
-        ])
+        status = main(
+            [
+                "compress",
+                tiny,
+                *SHAPE,
+                "--target",
+                "60%",
+                "--cache-dir",
+                str(cache),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
     assert status == 0, stderr.getvalue()
     return out, stdout.getvalue(), stderr.getvalue()
 
@@ -394,8 +411,15 @@ def test_merge_rebuilds_the_merged_model(tiny, compressed, tmp_path, capsys):
 
     out, _, _ = compressed
     status, stdout, stderr = run(
-        capsys, "merge", tiny, "--plan", str(out / "plan.json"), "--weights", str(out / "linearized.pt"),
-        "--out", str(tmp_path),
+        capsys,
+        "merge",
+        tiny,
+        "--plan",
+        str(out / "plan.json"),
+        "--weights",
+        str(out / "linearized.pt"),
+        "--out",
+        str(tmp_path),
     )
     assert status == 0, stderr
     assert "using --input-shape 1,3,16,16" in stderr  # read from report.json beside the plan
@@ -426,9 +450,26 @@ def test_compress_with_data_finetunes(tiny, flops, tmp_path, capsys):
     data = make_image_folder(tmp_path / "images", train=4, val=2)
     out = tmp_path / "out"
     status, stdout, stderr = run(
-        capsys, "compress", tiny, *SHAPE, "--target", "80%", "--data", str(data), "--finetune-epochs", "1",
-        "--batch-size", "4", "--workers", "0", "--distill", "--cache-dir", str(tmp_path / "cache"),
-        "--out", str(out), "--no-progress",
+        capsys,
+        "compress",
+        tiny,
+        *SHAPE,
+        "--target",
+        "80%",
+        "--data",
+        str(data),
+        "--finetune-epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--distill",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--no-progress",
     )
     assert status == 0, stderr
     report = json.loads((out / "report.json").read_text())
@@ -442,7 +483,9 @@ def test_compress_with_data_finetunes(tiny, flops, tmp_path, capsys):
 # --------------------------------------------------------------------------- compress, merge, bench: errors
 def test_missing_data_directory(tiny, tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    status, _, err = run(capsys, "compress", tiny, *SHAPE, "--target", "60%", "--data", str(missing), "--out", str(tmp_path / "o"))
+    status, _, err = run(
+        capsys, "compress", tiny, *SHAPE, "--target", "60%", "--data", str(missing), "--out", str(tmp_path / "o")
+    )
     assert status == 2 and err.startswith(f"fxmerge: error: data directory {missing} does not exist")
     assert "DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE" in err and "Traceback" not in err
 
@@ -451,7 +494,9 @@ def test_data_without_val(tiny, tmp_path, capsys):
     from tests.test_data import make_image_folder
 
     data = make_image_folder(tmp_path / "images", splits=("train",))
-    status, _, err = run(capsys, "compress", tiny, *SHAPE, "--target", "60%", "--data", str(data), "--out", str(tmp_path / "o"))
+    status, _, err = run(
+        capsys, "compress", tiny, *SHAPE, "--target", "60%", "--data", str(data), "--out", str(tmp_path / "o")
+    )
     assert status == 2 and f"data directory {data} has no val/ folder" in err
 
 
@@ -470,14 +515,25 @@ def test_data_with_more_classes_than_outputs(tmp_path, capsys):
 
 def test_unreachable_target_names_the_smallest_latency(tiny, flops, tmp_path, capsys):
     status, _, err = run(
-        capsys, "compress", tiny, *SHAPE, "--target", "0.0001ms", "--cache-dir", str(tmp_path / "cache"),
-        "--out", str(tmp_path / "o"), "--no-progress",
+        capsys,
+        "compress",
+        tiny,
+        *SHAPE,
+        "--target",
+        "0.0001ms",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
     )
     assert status == 2
     found = re.search(
         r"target 0.0001 ms cannot be met on flops \(1 thread\(s\)\): the smallest achievable latency is "
         r"([\d.]+) ms, measured on the fastest plan fxmerge can build \(the original: [\d.]+ ms\); "
-        r"ask for ([\d.]+) ms or more", err)
+        r"ask for ([\d.]+) ms or more",
+        err,
+    )
     assert found, err
     smallest, suggested = map(float, found.groups())
     assert 0.0001 < smallest <= suggested
@@ -487,8 +543,17 @@ def test_unreachable_target_names_the_smallest_latency(tiny, flops, tmp_path, ca
 
 def test_unreachable_percentage_target_is_named_in_percent(tiny, flops, tmp_path, capsys):
     status, _, err = run(
-        capsys, "compress", tiny, *SHAPE, "--target", "1%", "--cache-dir", str(tmp_path / "cache"),
-        "--out", str(tmp_path / "o"), "--no-progress",
+        capsys,
+        "compress",
+        tiny,
+        *SHAPE,
+        "--target",
+        "1%",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
     )
     found = re.search(r"the smallest achievable is ([\d.]+)% of the original", err)
     assert status == 2 and found, err
@@ -498,8 +563,18 @@ def test_unreachable_percentage_target_is_named_in_percent(tiny, flops, tmp_path
 
 def test_unreachable_target_without_the_loop_names_the_predicted_minimum(tiny, flops, tmp_path, capsys):
     status, _, err = run(
-        capsys, "compress", tiny, *SHAPE, "--target", "0.0001ms", "--no-loop", "--cache-dir",
-        str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress",
+        capsys,
+        "compress",
+        tiny,
+        *SHAPE,
+        "--target",
+        "0.0001ms",
+        "--no-loop",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
     )
     assert status == 2 and "as predicted by the latency table (the loop is off)" in err, err
     assert not (tmp_path / "o").exists()
@@ -508,8 +583,18 @@ def test_unreachable_target_without_the_loop_names_the_predicted_minimum(tiny, f
 def test_compress_a_two_input_model(tiny, flops, tmp_path, capsys):
     model = tiny.replace(":build", ":timed")
     status, out, err = run(
-        capsys, "compress", model, "--input-shape", "1,3,16,16;1", "--target", "80%", "--cache-dir",
-        str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress",
+        capsys,
+        "compress",
+        model,
+        "--input-shape",
+        "1,3,16,16;1",
+        "--target",
+        "80%",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
     )
     assert status == 0, err
     assert (tmp_path / "o" / "merged.onnx").is_file() and "met as measured" in out
@@ -517,20 +602,33 @@ def test_compress_a_two_input_model(tiny, flops, tmp_path, capsys):
 
     program = torch.export.load(tmp_path / "o" / "merged.pt2")
     assert [tuple(n.meta["val"].shape) for n in program.graph.nodes if n.op == "placeholder"][-2:] == [
-        (1, 3, 16, 16), (1,)]
+        (1, 3, 16, 16),
+        (1,),
+    ]
 
 
 def test_target_at_or_above_the_original_writes_nothing(tiny, flops, tmp_path, capsys):
     status, out, err = run(
-        capsys, "compress", tiny, *SHAPE, "--target", "150%", "--cache-dir", str(tmp_path / "cache"),
-        "--out", str(tmp_path / "o"), "--no-progress",
+        capsys,
+        "compress",
+        tiny,
+        *SHAPE,
+        "--target",
+        "150%",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
     )
     assert status == 0, err
     assert "nothing to compress" in out and "no files written" in out
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize(("target", "message"), [("fast", "cannot read target 'fast'"), ("0%", "outside"), ("-3", "must be positive")])
+@pytest.mark.parametrize(
+    ("target", "message"), [("fast", "cannot read target 'fast'"), ("0%", "outside"), ("-3", "must be positive")]
+)
 def test_bad_target(tiny, tmp_path, capsys, target, message):
     with pytest.raises(SystemExit) as info:
         main(["compress", tiny, *SHAPE, "--target", target, "--out", str(tmp_path)])
@@ -538,12 +636,16 @@ def test_bad_target(tiny, tmp_path, capsys, target, message):
 
 
 def test_wrong_input_shape(tiny, tmp_path, capsys):
-    status, _, err = run(capsys, "compress", tiny, "--input-shape", "1,4,16,16", "--target", "60%", "--out", str(tmp_path))
+    status, _, err = run(
+        capsys, "compress", tiny, "--input-shape", "1,4,16,16", "--target", "60%", "--out", str(tmp_path)
+    )
     assert status == 2 and "running Tiny on the example input failed" in err
 
 
 def test_importance_that_needs_labels_needs_data(tiny, tmp_path, capsys):
-    status, _, err = run(capsys, "compress", tiny, *SHAPE, "--target", "60%", "--importance", "loss", "--out", str(tmp_path))
+    status, _, err = run(
+        capsys, "compress", tiny, *SHAPE, "--target", "60%", "--importance", "loss", "--out", str(tmp_path)
+    )
     assert status == 2 and "--importance loss needs labelled data: pass --data DIR" in err
 
 

@@ -78,7 +78,10 @@ def test_on_device_moves_batches_and_keeps_len(tmp_path):
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        (lambda root: None, r"data directory .*missing does not exist; expected DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE"),
+        (
+            lambda root: None,
+            r"data directory .*missing does not exist; expected DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE",
+        ),
         (lambda root: root.write_text("x"), "is not a directory"),
         (lambda root: make_image_folder(root, splits=("train",)), r"has no val/ folder \(it has train/\)"),
         (lambda root: root.mkdir(), "has no train/ or val/ folder"),
@@ -88,12 +91,18 @@ def test_on_device_moves_batches_and_keeps_len(tmp_path):
             r"no images in .*train \(looked for .jpg",
         ),
         (
-            lambda root: (make_image_folder(root), (root / "train" / "empty").mkdir(), (root / "val" / "empty").mkdir()),
+            lambda root: (
+                make_image_folder(root),
+                (root / "train" / "empty").mkdir(),
+                (root / "val" / "empty").mkdir(),
+            ),
             r"no images in 1 class folder\(s\) of .*train: empty",
         ),
         (
-            lambda root: (make_image_folder(root, classes=("cat", "dog"), splits=("train",)),
-                          make_image_folder(root, classes=("cat", "owl"), splits=("val",))),
+            lambda root: (
+                make_image_folder(root, classes=("cat", "dog"), splits=("train",)),
+                make_image_folder(root, classes=("cat", "owl"), splits=("val",)),
+            ),
             r"differ \(only in train/: dog; only in val/: owl\)",
         ),
     ],

@@ -26,7 +26,10 @@ SCRIPT = REPO / "benchmarks" / "ddpm_mini.py"
 def test_ddpm_mini_quick(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=1200,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "ddpm_mini_quick.json").read_text())

@@ -32,8 +32,13 @@ def conv_calls(model: nn.Module, *inputs) -> list[tuple[str, list[int]]]:
 
     def record(name):
         def hook(module, args, output):
-            calls.append((name, [module.out_channels, module.in_channels, *module.kernel_size,
-                                 module.stride[0], module.padding[0]]))
+            calls.append(
+                (
+                    name,
+                    [module.out_channels, module.in_channels, *module.kernel_size, module.stride[0], module.padding[0]],
+                )
+            )
+
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -306,8 +311,12 @@ def diffusers_unet():
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
     torch.manual_seed(0)
     model = diffusers.UNet2DModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     ).eval()
     randomise_norms(model)
     inputs = (torch.randn(2, 3, 16, 16), torch.tensor([10, 500]))

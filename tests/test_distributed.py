@@ -162,8 +162,13 @@ def importance(root: Path, cache: str) -> dict:
 
     captured = capture(small_net(), torch.randn(1, 3, 16, 16))
     table = build_importance_table(
-        captured, analyze_captured(captured), "paper", data=images(root)[0].dataset,
-        cache_dir=root / cache, progress=False, **HOLDOUT,
+        captured,
+        analyze_captured(captured),
+        "paper",
+        data=images(root)[0].dataset,
+        cache_dir=root / cache,
+        progress=False,
+        **HOLDOUT,
     )
     return {"entries": dict(table.entries), "info": json.loads(json.dumps(dict(table.info), default=str))}
 
@@ -173,8 +178,15 @@ def plan(root: Path, cache: str) -> dict:
 
     backend = CountingFlops()
     result = fxmerge.compress(
-        small_net(), torch.randn(1, 3, 16, 16), "70%", backend=backend, importance="paper",
-        data=images(root)[0].dataset, cache_dir=root / cache, progress=False, **HOLDOUT,
+        small_net(),
+        torch.randn(1, 3, 16, 16),
+        "70%",
+        backend=backend,
+        importance="paper",
+        data=images(root)[0].dataset,
+        cache_dir=root / cache,
+        progress=False,
+        **HOLDOUT,
     )
     return {"plan": list(result.plan.entries), "measured": backend.calls, "notes": list(result.report.notes)}
 
@@ -214,7 +226,9 @@ def dying_importance(root: Path, cache: str) -> dict:
 
 JOBS = {
     "pipeline": lambda root: {
-        "importance": importance(root, "cache-2"), "compress": plan(root, "cache-compress-2"), "ddp": ddp_finetune(root),
+        "importance": importance(root, "cache-2"),
+        "compress": plan(root, "cache-compress-2"),
+        "ddp": ddp_finetune(root),
     },
     "die": lambda root: dying_importance(root, "cache-resume"),
     "resume": lambda root: importance(root, "cache-resume"),
@@ -308,10 +322,29 @@ def test_torchrun_compress_writes_the_single_process_plan(workspace, tmp_path):
 
     def run(prefix: list[str], name: str) -> subprocess.CompletedProcess:
         argv = [
-            "compress", f"{model}:build", "--input-shape", "1,3,16,16", "--target", "80%", "--importance", "paper",
-            "--data", str(workspace / "images"), "--batch-size", "4", "--importance-batches", "2",
-            "--finetune-epochs", "1", "--workers", "0", "--cache-dir", str(tmp_path / f"cache-{name}"),
-            "--out", str(tmp_path / name), "--no-progress",
+            "compress",
+            f"{model}:build",
+            "--input-shape",
+            "1,3,16,16",
+            "--target",
+            "80%",
+            "--importance",
+            "paper",
+            "--data",
+            str(workspace / "images"),
+            "--batch-size",
+            "4",
+            "--importance-batches",
+            "2",
+            "--finetune-epochs",
+            "1",
+            "--workers",
+            "0",
+            "--cache-dir",
+            str(tmp_path / f"cache-{name}"),
+            "--out",
+            str(tmp_path / name),
+            "--no-progress",
         ]
         return subprocess.run([*prefix, str(launcher), *argv], capture_output=True, text=True, env=env, timeout=600)
 

@@ -38,7 +38,9 @@ def test_backend_merges_a_linearized_model():
     plan = Plan.random(sg, seed=4)
     lin = fxmerge.linearize(model, x, plan, span_graph=sg).eval()
     graphs = []
-    compiled = torch.compile(lin, backend="fxmerge", options={"inner": "eager", "plan": plan, "callback": graphs.append})
+    compiled = torch.compile(
+        lin, backend="fxmerge", options={"inner": "eager", "plan": plan, "callback": graphs.append}
+    )
     with torch.no_grad():
         assert rel(compiled(x), lin(x)) <= 1e-4
     assert sum(convs(g) for g in graphs) == expected_convs(sg, plan)

@@ -32,7 +32,7 @@ from tests.fuzz.generate import network_from_choices, network_from_seed, network
 from tests.fuzz.known import EXCLUDE, KNOWN
 from tests.fuzz.runner import run_seeds
 from tests.fuzz.spec import *  # noqa: F403 - the names a network's source uses
-from tests.fuzz.spec import Net, count_convs, to_source
+from tests.fuzz.spec import Conv, Net, Unit, count_convs, to_source
 
 FAST_EXAMPLES = 8
 FAST_SEEDS = (19, 61)
@@ -40,7 +40,11 @@ ALL = os.environ.get("FXMERGE_FUZZ_ALL") == "1"
 RUN_EXCLUDE = frozenset() if ALL else EXCLUDE
 RUN_KNOWN = () if ALL else KNOWN
 _FAST = settings(
-    max_examples=FAST_EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True,
+    max_examples=FAST_EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
     suppress_health_check=list(HealthCheck),
 )
 
@@ -62,7 +66,7 @@ def test_generated_networks_are_valid_small_and_reproducible():
 
 def test_replay_of_empty_choices_is_the_smallest_network():
     net, _ = network_from_choices([])
-    assert net == Net(blocks=(Unit(Conv(1, (1, 1), bias=False), norm=None, act=None),), channels=1, size=(4, 4))  # noqa: F405
+    assert net == Net(blocks=(Unit(Conv(1, (1, 1), bias=False), norm=None, act=None),), channels=1, size=(4, 4))
 
 
 def test_a_network_builds_the_same_weights_every_time():
@@ -113,8 +117,9 @@ def test_fuzz_hypothesis_long():
     count = int(os.environ.get("FXMERGE_FUZZ_EXAMPLES", "5000"))
     began = time.monotonic()
 
-    @settings(max_examples=count, deadline=None, database=None, print_blob=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=count, deadline=None, database=None, print_blob=True, suppress_health_check=list(HealthCheck)
+    )
     @given(net=networks(exclude=RUN_EXCLUDE))
     def run(net: Net) -> None:
         note(f"network source:\n{net.to_source()}")

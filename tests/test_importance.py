@@ -323,8 +323,18 @@ def test_finetune_runs_on_a_few_entries(digits):
     # a separate evaluation split, Adam, the loss metric
     eval_data = digits["labelled"][:1]
     table = build_importance_table(
-        captured, sg, "finetune", data=data[:1], eval_data=eval_data, entries=chosen[:1], steps=1,
-        optimizer="adam", lr=1e-3, metric="loss", reinit_single=False, **QUIET,
+        captured,
+        sg,
+        "finetune",
+        data=data[:1],
+        eval_data=eval_data,
+        entries=chosen[:1],
+        steps=1,
+        optimizer="adam",
+        lr=1e-3,
+        metric="loss",
+        reinit_single=False,
+        **QUIET,
     )
     assert math.isfinite(table[chosen[0]]) and table.info["reinitialised"] == 0
 

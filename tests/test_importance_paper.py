@@ -72,8 +72,14 @@ def test_holdout_splits_are_disjoint_balanced_and_deterministic(digits):
     index = torch.arange(len(x), dtype=torch.float32)
     dataset = Labelled(index, y)  # the "input" of each sample is its index
     holdout = make_holdout(
-        dataset, None, torch.device("cpu"), holdout_train=200, holdout_val=100, batch_size=30,
-        max_batches=None, seed=0,
+        dataset,
+        None,
+        torch.device("cpu"),
+        holdout_train=200,
+        holdout_val=100,
+        batch_size=30,
+        max_batches=None,
+        seed=0,
     )
     train = torch.cat([b[0] for b in holdout.train]).long()
     val = torch.cat([b[0] for b in holdout.val]).long()
@@ -84,26 +90,42 @@ def test_holdout_splits_are_disjoint_balanced_and_deterministic(digits):
         counts = torch.bincount(y[split], minlength=10)
         assert int(counts.min()) == int(counts.max()) == n // 10
     again = make_holdout(
-        dataset, None, torch.device("cpu"), holdout_train=200, holdout_val=100, batch_size=30,
-        max_batches=None, seed=0,
+        dataset,
+        None,
+        torch.device("cpu"),
+        holdout_train=200,
+        holdout_val=100,
+        batch_size=30,
+        max_batches=None,
+        seed=0,
     )
     assert again.fingerprint == holdout.fingerprint
     assert holdout_order(len(x), 1, y.tolist()) != holdout_order(len(x), 0, y.tolist())
     # fractions, the rest by default, and a list of batches split per batch
-    half = make_holdout(dataset, None, torch.device("cpu"), holdout_train=None, holdout_val=0.25,
-                        batch_size=100, max_batches=None, seed=0)
+    half = make_holdout(
+        dataset,
+        None,
+        torch.device("cpu"),
+        holdout_train=None,
+        holdout_val=0.25,
+        batch_size=100,
+        max_batches=None,
+        seed=0,
+    )
     assert sum(len(b[0]) for b in half.val) == round(len(x) * 0.25)
     assert sum(len(b[0]) for b in half.train) == len(x) - round(len(x) * 0.25)
     batches = [(index[i : i + 10], y[i : i + 10]) for i in range(0, 100, 10)]
-    listed = make_holdout(batches, None, torch.device("cpu"), holdout_train=None, holdout_val=3,
-                          batch_size=10, max_batches=None, seed=0)
+    listed = make_holdout(
+        batches, None, torch.device("cpu"), holdout_train=None, holdout_val=3, batch_size=10, max_batches=None, seed=0
+    )
     assert len(listed.val) == 3 and len(listed.train) == 7
     val_ids = {int(v) for b in listed.val for v in b[0]}
     train_ids = {int(v) for b in listed.train for v in b[0]}
     assert not val_ids & train_ids and len(val_ids | train_ids) == 100
     with pytest.raises(ValueError, match="holds 10 batches"):
-        make_holdout(batches, None, torch.device("cpu"), holdout_train=8, holdout_val=3, batch_size=10,
-                     max_batches=None, seed=0)
+        make_holdout(
+            batches, None, torch.device("cpu"), holdout_train=8, holdout_val=3, batch_size=10, max_batches=None, seed=0
+        )
 
 
 # --------------------------------------------------------------------------- re-initialisation
@@ -185,9 +207,7 @@ def test_delta_matches_a_hand_computation(digits, entry):
     train = [(x[i : i + 40], y[i : i + 40]) for i in range(0, 160, 40)]
     val = [(x[i : i + 100], y[i : i + 100]) for i in range(1400, 1700, 100)]
     lr = 0.02
-    table = build_importance_table(
-        captured, sg, "paper", data=train, eval_data=val, entries=[entry], lr=lr, **QUIET
-    )
+    table = build_importance_table(captured, sg, "paper", data=train, eval_data=val, entries=[entry], lr=lr, **QUIET)
     # by hand: the entry's network, its conv re-initialised when its span has one conv,
     # one epoch of Nesterov SGD (momentum 0.9, weight decay 1e-5) with a per-step cosine
     gm = linearize(captured, sg, single_entry_plan(sg, entry))
@@ -245,8 +265,9 @@ def test_loss_fn_gives_the_relative_loss_change_on_common_noise(digits):
     table = build_importance_table(captured, sg, "paper", entries=[identity, dropped], **options)
     assert table.info["options"]["metric"] == "auto" and table.info["evaluated"] == 2
     assert table[identity] == 1.0  # lr 0, the same network, and the same noise in both evaluations
-    holdout = make_holdout(images, None, torch.device("cpu"), holdout_train=None, holdout_val=0.5,
-                           batch_size=64, max_batches=None, seed=0)
+    holdout = make_holdout(
+        images, None, torch.device("cpu"), holdout_train=None, holdout_val=0.5, batch_size=64, max_batches=None, seed=0
+    )
 
     def holdout_loss(net):
         torch.manual_seed(0)
@@ -280,8 +301,19 @@ def test_one_loss_fn_serves_the_loss_and_finetune_estimators_too(digits):
     assert table.delta(dropped) == pytest.approx(-(mean_loss(entry_net, images) - original) / original, rel=1e-6)
     assert table.info["reference"] == pytest.approx(original, rel=1e-6)
 
-    tuned = build_importance_table(captured, sg, "finetune", data=images[:4], eval_data=images[4:], loss_fn=denoise,
-                                   lr=0.0, steps=2, reinit_single=False, entries=[dropped], **QUIET)
+    tuned = build_importance_table(
+        captured,
+        sg,
+        "finetune",
+        data=images[:4],
+        eval_data=images[4:],
+        loss_fn=denoise,
+        lr=0.0,
+        steps=2,
+        reinit_single=False,
+        entries=[dropped],
+        **QUIET,
+    )
     held_out = mean_loss(captured.gm, images[4:])
     expected = -(mean_loss(entry_net, images[4:]) - held_out) / held_out  # lr 0: training changes nothing
     assert tuned.delta(dropped) == pytest.approx(expected, rel=1e-6)

@@ -98,9 +98,7 @@ def _out_len(length: int, padding: int, extent: int, stride: int) -> int:
 
 
 def _conv(gen, dims, c_in, c_out, kernel, stride, dilation, padding, groups, bias, dtype=torch.float32):
-    conv = CONV[dims](
-        c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias
-    )
+    conv = CONV[dims](c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
     with torch.no_grad():
         fan_in = conv.weight[0].numel()
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / math.sqrt(fan_in))
@@ -147,8 +145,7 @@ def _affines(bns: list) -> list:
 
 def _folded(convs: list[nn.Module], bns: list) -> list[ConvParams]:
     return [
-        conv_params(c) if bn is None else fold_batchnorm(conv_params(c), *_bn_args(bn))
-        for c, bn in zip(convs, bns)
+        conv_params(c) if bn is None else fold_batchnorm(conv_params(c), *_bn_args(bn)) for c, bn in zip(convs, bns)
     ]
 
 
@@ -257,7 +254,9 @@ def _draw(seed: int) -> Case:
         found, smallest = [], rng.random() < 0.5
         for d, (extent, stride, padding) in enumerate(frames):
             target_len = _out_len(size[d], padding, extent, stride)
-            options = [(k, p) for k in (1, 2, 3, 5, 7) for p in range(7) if _out_len(size[d], p, k, stride) == target_len]
+            options = [
+                (k, p) for k in (1, 2, 3, 5, 7) for p in range(7) if _out_len(size[d], p, k, stride) == target_len
+            ]
             found.append(None if not options else min(options) if smallest else rng.choice(options))
         if any(f is None for f in found):
             skip = "none"
@@ -445,14 +444,18 @@ def test_non_zero_padding_mode_is_refused(mode, position):
 def test_channel_mismatch_is_refused():
     first = conv_params(nn.Conv2d(3, 4, 3))
     second = conv_params(nn.Conv2d(5, 2, 1))
-    with pytest.raises(ValueError, match="channel mismatch: the second conv expects 5 input channels, the first produces 4"):
+    with pytest.raises(
+        ValueError, match="channel mismatch: the second conv expects 5 input channels, the first produces 4"
+    ):
         compose(first, second)
     with pytest.raises(ValueError, match="channel mismatch: the conv expects 5 input channels but its input has 4"):
         chain_map([first, second])
     grouped = nn.Conv2d(6, 6, 1, groups=3)  # expects 6 = 2 * 3 input channels
     with pytest.raises(ValueError, match="expects 6 input channels but its input has 4"):
         then_conv(chain_map([first]), grouped.weight, None, 1, 1, groups=3)
-    with pytest.raises(ValueError, match=re.escape("channel mismatch in add: operands have (out, in) channels [(4, 3), (3, 3)]")):
+    with pytest.raises(
+        ValueError, match=re.escape("channel mismatch in add: operands have (out, in) channels [(4, 3), (3, 3)]")
+    ):
         add(chain_map([first]), identity(3, 2))
     with pytest.raises(ValueError, match="channel mismatch in add"):
         absorb_skip([first])  # an identity skip around a block that changes channels
@@ -490,7 +493,9 @@ def test_join_of_different_strides_is_refused():
     with pytest.raises(ValueError, match="cannot join maps with different strides"):
         add(rows, cols)
     strided = [conv_params(nn.Conv2d(3, 3, 3, stride=2, padding=1))]
-    with pytest.raises(ValueError, match=re.escape("residual join of a branch with stride (2, 2) and a skip with stride (1, 1)")):
+    with pytest.raises(
+        ValueError, match=re.escape("residual join of a branch with stride (2, 2) and a skip with stride (1, 1)")
+    ):
         absorb_skip(strided)  # identity skip
     with pytest.raises(ValueError, match="the grids do not align"):
         absorb_skip(strided, [conv_params(nn.Conv2d(3, 3, 1, stride=(2, 1)))])
@@ -515,7 +520,9 @@ def test_other_refusals_state_their_reason():
         chain_map([])
     with pytest.raises(ValueError, match="cannot cat maps of different span inputs"):
         cat(identity(3, 1), identity(2, 1))
-    with pytest.raises(ValueError, match=re.escape("span output starts before its padded input (padding (1,), offset (3,))")):
+    with pytest.raises(
+        ValueError, match=re.escape("span output starts before its padded input (padding (1,), offset (3,))")
+    ):
         to_conv(crop(identity(2, 1), (3,)), (1,))
 
 
@@ -716,7 +723,11 @@ def test_side_bias_passes_through_later_convs_as_their_spatial_sums():
     conv2 = _conv(gen, 2, 6, 4, (3, 2), 2, (1, 2), (1, 1), 2, True)  # grouped, strided, dilated
     other = _conv(gen, 2, 3, 6, 1, 1, 1, 0, 1, False)
     scale, shift = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
-    x, s, t = torch.randn(2, 3, 9, 8, generator=gen), torch.randn(2, 6, 1, 1, generator=gen), torch.randn(2, 4, 1, 1, generator=gen)
+    x, s, t = (
+        torch.randn(2, 3, 9, 8, generator=gen),
+        torch.randn(2, 6, 1, 1, generator=gen),
+        torch.randn(2, 4, 1, 1, generator=gen),
+    )
     params = _params([conv1, conv2])
     total = span_padding(params)
     # the span, front-padded: two branches of x added (the 1×1 one cropped to align), plus s, an affine, conv2, plus t
@@ -731,7 +742,9 @@ def test_side_bias_passes_through_later_convs_as_their_spatial_sums():
     sides = dict(value.sides)
     assert sorted(sides) == ["s", "t"] and torch.equal(sides["t"], torch.eye(4, dtype=torch.float64))
     merged = to_conv(value, total)
-    terms = sum(torch.einsum("oc,nc->no", matrix.float(), {"s": s, "t": t}[key].flatten(1)) for key, matrix in sides.items())
+    terms = sum(
+        torch.einsum("oc,nc->no", matrix.float(), {"s": s, "t": t}[key].flatten(1)) for key, matrix in sides.items()
+    )
     assert _rel(merged(x) + terms[:, :, None, None], out) <= TOLERANCE
     # a cat stacks the terms; a map without a term contributes zeros
     stacked = cat(value, then_conv(branch, conv2.weight, conv2.bias, conv2.stride, conv2.dilation, 2))

@@ -67,8 +67,15 @@ def span_graph(*spans: list[ConvSpec]) -> SpanGraph:
         for i, convs in enumerate(spans)
     )
     return SpanGraph(
-        model="synthetic", rules="general", input_shapes=((1, 4, 8, 8),), units=(), joins=(),
-        positions=(), spans=made, chains=(), rejections=(),
+        model="synthetic",
+        rules="general",
+        input_shapes=((1, 4, 8, 8),),
+        units=(),
+        joins=(),
+        positions=(),
+        spans=made,
+        chains=(),
+        rejections=(),
     )
 
 
@@ -360,8 +367,13 @@ def test_progress_bar_names_backend_and_threads(tmp_path, capsys: pytest.Capture
 
 def test_predict_and_json_round_trip(tmp_path) -> None:
     table = LatencyTable(
-        backend="onnxruntime", device_name="cpu", entries={"a|o0": 1.5, "b|o0": 2.25, "b|o1": 0.5},
-        offset_ms=0.75, original_ms=4.5, measurements=3, info={"threads": 2, "iqr_ms": {"a|o0": 0.1}},
+        backend="onnxruntime",
+        device_name="cpu",
+        entries={"a|o0": 1.5, "b|o0": 2.25, "b|o1": 0.5},
+        offset_ms=0.75,
+        original_ms=4.5,
+        measurements=3,
+        info={"threads": 2, "iqr_ms": {"a|o0": 0.1}},
     )
     assert table.predict(["a|o0", "b|o0"]) == pytest.approx(4.5)
     assert table.predict([]) == pytest.approx(0.75)

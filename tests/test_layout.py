@@ -20,15 +20,36 @@ MAX_FUNCTION_LINES = 60
 
 LAYERS = [
     # values and helpers every stage uses
-    ["fxmerge.fxutil", "fxmerge.ir", "fxmerge.cache", "fxmerge.kernels", "fxmerge.activations",
-     "fxmerge.ops", "fxmerge.report"],
+    [
+        "fxmerge.fxutil",
+        "fxmerge.ir",
+        "fxmerge.cache",
+        "fxmerge.kernels",
+        "fxmerge.activations",
+        "fxmerge.ops",
+        "fxmerge.report",
+    ],
     # op recognisers, plans, exporting, process groups
     ["fxmerge.nodes", "fxmerge.patterns", "fxmerge.plan", "fxmerge.export", "fxmerge.distributed"],
     # capture and analysis
-    ["fxmerge.capture", "fxmerge.passes", "fxmerge.passes.match", "fxmerge.passes.spans", "fxmerge.passes.rules"],
+    [
+        "fxmerge.capture",
+        "fxmerge.passes",
+        "fxmerge.passes.match",
+        "fxmerge.passes.regions",
+        "fxmerge.passes.spans",
+        "fxmerge.passes.rules",
+    ],
     # rewrites, tables, solver, training
-    ["fxmerge.passes.linearize", "fxmerge.passes.merge", "fxmerge.solver", "fxmerge.latency", "fxmerge.latency.*",
-     "fxmerge.data", "fxmerge.train"],
+    [
+        "fxmerge.passes.linearize",
+        "fxmerge.passes.merge",
+        "fxmerge.solver",
+        "fxmerge.latency",
+        "fxmerge.latency.*",
+        "fxmerge.data",
+        "fxmerge.train",
+    ],
     ["fxmerge.importance", "fxmerge.importance.*", "fxmerge.dynamo"],
     ["fxmerge.api", "fxmerge.loop"],
     # entry points
@@ -61,7 +82,9 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             # ``from pkg import sub`` imports the submodule; ``from mod import name`` the module
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:

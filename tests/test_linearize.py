@@ -54,9 +54,7 @@ def test_user_model_untouched_and_plan_marked_in_the_graph():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 16, 16)
     sg = fxmerge.analyze(model, x)
-    plan = fxmerge.Plan.from_entries(
-        sg, [e.id for e in sg.entries if e.span == "src:x->c3" and e.option.id == "keep"]
-    )
+    plan = fxmerge.Plan.from_entries(sg, [e.id for e in sg.entries if e.span == "src:x->c3" and e.option.id == "keep"])
     lin = fxmerge.linearize(model, x, plan, span_graph=sg)
     assert [n.args[2] for n in lin.graph.nodes if is_marker(n, SPAN_PAD)] == ["src:x->c3"]  # the plan rides along
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -187,7 +185,9 @@ def test_pruned_last_unit_without_activation_keeps_next_span_start():
     assert sg.unit("c2").activation is None
     plan = fxmerge.Plan.from_entries(sg, ["src:x->c2|prune:c2", "c2->c4|keep"])
     _every_plan_merges(model, x, sg, [plan])
-    _every_plan_merges(model, x, sg, [fxmerge.Plan.from_entries(sg, ["src:x->c2|prune:c2", "c2->c3|keep", "c3->c4|keep"])])
+    _every_plan_merges(
+        model, x, sg, [fxmerge.Plan.from_entries(sg, ["src:x->c2|prune:c2", "c2->c3|keep", "c3->c4|keep"])]
+    )
 
 
 class BareConvBetweenSpans(nn.Module):

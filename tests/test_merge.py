@@ -83,10 +83,24 @@ def check_promised_convs(merged, sg, plan):
         if span is None:
             continue
         conv, promised = merged.get_submodule(node.target), chosen[span].conv
-        emitted = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
-                   tuple(conv.padding), tuple(conv.dilation), conv.groups)
-        expected = (promised.in_channels, promised.out_channels, promised.kernel_size, promised.stride,
-                    promised.padding, promised.dilation, promised.groups)
+        emitted = (
+            conv.in_channels,
+            conv.out_channels,
+            tuple(conv.kernel_size),
+            tuple(conv.stride),
+            tuple(conv.padding),
+            tuple(conv.dilation),
+            conv.groups,
+        )
+        expected = (
+            promised.in_channels,
+            promised.out_channels,
+            promised.kernel_size,
+            promised.stride,
+            promised.padding,
+            promised.dilation,
+            promised.groups,
+        )
         assert emitted == expected, f"span {span}: merged conv {emitted}, option promised {expected}"
 
 

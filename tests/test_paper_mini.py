@@ -42,7 +42,10 @@ def test_paper_mini_quick(tmp_path):
     out = tmp_path / "paper_mini.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=1200,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "QUICK SMOKE RUN" in proc.stdout and "| resnet | original |" in proc.stdout
@@ -61,8 +64,9 @@ def test_paper_mini_quick(tmp_path):
     facts = model["facts"]
     assert 0.0 <= facts["val_accuracy"] <= 1.0 and facts["activations"] == 13
     # at most half (rounded up) of the 13 ReLUs; --quick's kernel bound (5) allows fewer
-    assert facts["half_activations_probes"] and all(0 < p["activations_removed"] <= 7
-                                                    for p in facts["half_activations_probes"])
+    assert facts["half_activations_probes"] and all(
+        0 < p["activations_removed"] <= 7 for p in facts["half_activations_probes"]
+    )
     assert model["original"]["latency_ms"] > 0 and model["original"]["convs"] == 15
     cells = model["cells"]
     assert sorted(c["method"] for c in cells) == ["depth", "layer", "layermerge"]

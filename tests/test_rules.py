@@ -220,7 +220,7 @@ def assert_no_span_crosses_a_break(graph, table, outside, residual_strides: bool
         for k, unit in enumerate(convs):
             if not strided(unit) or len(convs) == 1:
                 continue
-            rest = convs[k + 1:]
+            rest = convs[k + 1 :]
             if residual_strides:
                 assert not rest, span.id
             else:
@@ -429,7 +429,11 @@ def test_options_are_distinct_kernel_and_depthwise_with_the_heaviest_subset():
     x = torch.randn(1, 3, 12, 12)
     general = fxmerge.analyze(model, x).span("stem->dense")
     paper = fxmerge.analyze(model, x, rules="paper").span("stem->dense")
-    assert sorted((o.conv.kernel_size, o.conv.groups) for o in general.options) == [((3, 3), 1), ((3, 3), 2), ((5, 5), 1)]
+    assert sorted((o.conv.kernel_size, o.conv.groups) for o in general.options) == [
+        ((3, 3), 1),
+        ((3, 3), 2),
+        ((5, 5), 1),
+    ]
     assert [(o.conv.kernel_size, o.pruned) for o in paper.options] == [((5, 5), ()), ((3, 3), ("dense",))]
     keys = [(o.conv.kernel_size, o.conv.is_depthwise) for o in paper.options]
     assert len(keys) == len(set(keys))
@@ -480,10 +484,13 @@ def test_a_random_paper_plan_merges_exactly():
             assert float((merged(x) - reference).abs().max() / reference.abs().max()) < 1e-4
 
 
-@pytest.mark.parametrize("argv", [
-    ["inspect", "torchvision:resnet34", "--rules", "paper", "--json"],
-    ["inspect", "torchvision:mobilenet_v2", "--rules", "paper", "--exclude", "features.18", "--json"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "torchvision:resnet34", "--rules", "paper", "--json"],
+        ["inspect", "torchvision:mobilenet_v2", "--rules", "paper", "--exclude", "features.18", "--json"],
+    ],
+)
 def test_inspect_with_paper_rules(argv, capsys):
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)

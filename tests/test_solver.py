@@ -148,14 +148,10 @@ class _Builder:
                 reducible=True,
             )
         )
-        self.span(
-            start, end, _Cover(units=[uid]), extra_options=int(self.rng.random() < self.prune_rate)
-        )
+        self.span(start, end, _Cover(units=[uid]), extra_options=int(self.rng.random() < self.prune_rate))
         return uid, end
 
-    def region(
-        self, source: str, branch_lengths: list[int], nested: bool
-    ) -> tuple[Step, str, _Cover]:
+    def region(self, source: str, branch_lengths: list[int], nested: bool) -> tuple[Step, str, _Cover]:
         branches, cover = [], _Cover()
         for length in branch_lengths:
             branch, branch_cover = self.chain(source, length, nested=nested)
@@ -182,16 +178,12 @@ class _Builder:
         cover.joins.insert(0, jid)
         cover.crossable = cover.crossable and mergeable
         return (
-            Step(
-                "parallel", region=Parallel(join=jid, branches=tuple(branches), mergeable=mergeable)
-            ),
+            Step("parallel", region=Parallel(join=jid, branches=tuple(branches), mergeable=mergeable)),
             out,
             cover,
         )
 
-    def chain(
-        self, start: str, length: int, *, nested: bool = False, regions: bool = False
-    ) -> tuple[Chain, _Cover]:
+    def chain(self, start: str, length: int, *, nested: bool = False, regions: bool = False) -> tuple[Chain, _Cover]:
         """A chain of ``length`` steps; ``regions`` allows regions, ``nested`` one residual inside."""
         positions, steps, covers = [start], [], []
         for _ in range(length):
@@ -204,13 +196,9 @@ class _Builder:
                 uid, end = self.unit(here)
                 step, cover = Step("unit", unit=uid), _Cover(units=[uid])
             elif draw < 0.65:  # residual block: convs and an identity skip
-                step, end, cover = self.region(
-                    here, [self.rng.randint(1, 3), 0], nested=self.rng.random() < 0.25
-                )
+                step, end, cover = self.region(here, [self.rng.randint(1, 3), 0], nested=self.rng.random() < 0.25)
             else:  # convs on both branches
-                step, end, cover = self.region(
-                    here, [self.rng.randint(1, 2), self.rng.randint(1, 2)], nested=False
-                )
+                step, end, cover = self.region(here, [self.rng.randint(1, 2), self.rng.randint(1, 2)], nested=False)
             positions.append(end)
             steps.append(step)
             covers.append(cover)
@@ -237,9 +225,7 @@ class _Builder:
             for c in covers[i:j]:
                 cover.extend(c)
             cover.inner += list(chain.positions[i + 1 : j])
-            self.span(
-                chain.positions[i], chain.positions[j], cover, extra_options=self.rng.randint(0, 2)
-            )
+            self.span(chain.positions[i], chain.positions[j], cover, extra_options=self.rng.randint(0, 2))
 
     def graph(self, chains: list[Chain]) -> SpanGraph:
         return SpanGraph(
@@ -302,10 +288,7 @@ def tilings(chain: Chain, sg: SpanGraph, method: str) -> list[tuple[str, ...]]:
         step = chain.steps[k]
         if step.kind == "parallel":
             walks = [
-                sum(combo, ())
-                for combo in itertools.product(
-                    *(tilings(b, sg, method) for b in step.region.branches)
-                )
+                sum(combo, ()) for combo in itertools.product(*(tilings(b, sg, method) for b in step.region.branches))
             ]
             found += [walk + rest for walk in walks for rest in from_position(k + 1)]
         memo[k] = found
@@ -324,9 +307,7 @@ def bin_costs(latency: dict[str, float], offset: float, budget: float, bins: int
     return {e: math.ceil(ms / width) for e, ms in latency.items()}
 
 
-def random_tables(
-    sg: SpanGraph, rng: random.Random
-) -> tuple[dict[str, float], dict[str, float], float]:
+def random_tables(sg: SpanGraph, rng: random.Random) -> tuple[dict[str, float], dict[str, float], float]:
     latency = {e.id: rng.uniform(0.05, 1.5) for e in sg.entries}
     importance = {e.id: rng.uniform(-0.5, 1.0) for e in sg.entries}
     return latency, importance, rng.choice([0.0, rng.uniform(0.1, 2.0)])
@@ -403,9 +384,7 @@ def test_matches_exhaustive_search():
                 continue
             feasible += 1
             best = max(math.fsum(importance[e] for e in p) for p in fitting)
-            plan = solve(
-                sg, table, SimpleNamespace(entries=importance), budget, method=method, bins=bins
-            )
+            plan = solve(sg, table, SimpleNamespace(entries=importance), budget, method=method, bins=bins)
             plan.validate(sg)
             info = dict(plan.info)
             assert info["objective"] == pytest.approx(best, abs=1e-9), (seed, method)
@@ -549,9 +528,7 @@ def walk_steps(chain: Chain):
 
 
 # ---------------------------------------------------------------- ResNet-34-sized graph
-def resnet_like(
-    blocks: int = 16, seed: int = 0, stage: tuple[int, ...] = (3, 4, 6, 3)
-) -> SpanGraph:
+def resnet_like(blocks: int = 16, seed: int = 0, stage: tuple[int, ...] = (3, 4, 6, 3)) -> SpanGraph:
     """Stem + ``blocks`` basic blocks (two convs and a skip, a 1x1 projection at stage starts).
 
     Outer spans cover up to four consecutive positions within a stage, with a few
@@ -571,9 +548,7 @@ def resnet_like(
         steps.append(step)
         covers.append(cover)
     chain = Chain(positions=tuple(positions), steps=tuple(steps))
-    for branch in (
-        br for s in steps if s.kind == "parallel" for br in s.region.branches if br.steps
-    ):
+    for branch in (br for s in steps if s.kind == "parallel" for br in s.region.branches if br.steps):
         if len(branch.steps) == 2:
             builder.span(
                 branch.positions[0],

@@ -28,8 +28,12 @@ def keep(span):
 def test_conv_chain_spans_and_options():
     graph = analyze("conv_chain")
     assert span_ids(graph) == {
-        "src:x->layers.0.0", "src:x->layers.1.0", "src:x->layers.2.0",
-        "layers.0.0->layers.1.0", "layers.0.0->layers.2.0", "layers.1.0->layers.2.0",
+        "src:x->layers.0.0",
+        "src:x->layers.1.0",
+        "src:x->layers.2.0",
+        "layers.0.0->layers.1.0",
+        "layers.0.0->layers.2.0",
+        "layers.1.0->layers.2.0",
     }
     whole = graph.span("src:x->layers.2.0")
     assert whole.units == ("layers.0.0", "layers.1.0", "layers.2.0")
@@ -116,9 +120,12 @@ def test_basic_block_spans():
     assert span_ids(graph) == {
         "src:x->stem.0",
         # inside the branch
-        "stem.0->conv1", "stem.0->conv2", "conv1->conv2",
+        "stem.0->conv1",
+        "stem.0->conv2",
+        "conv1->conv2",
         # covering the whole block (the identity skip is absorbed)
-        "stem.0->add", "src:x->add",
+        "stem.0->add",
+        "src:x->add",
     }
     # never from inside the branch to after the join, nor from before the block into it
     for span in graph.spans:
@@ -159,15 +166,21 @@ def test_inverted_residual_spans():
     graph = analyze("inverted_residual")
     multi = {s.id for s in graph.spans if len(s.units) > 1}
     assert multi == {
-        "stem.0->depthwise.0", "stem.0->project.0", "expand.0->project.0",
-        "stem.0->add", "src:x->add", "stem.0->head.0", "src:x->head.0",
+        "stem.0->depthwise.0",
+        "stem.0->project.0",
+        "expand.0->project.0",
+        "stem.0->add",
+        "src:x->add",
+        "stem.0->head.0",
+        "src:x->head.0",
     }
     block = graph.span("stem.0->add")
     assert block.units == ("expand.0", "depthwise.0", "project.0")
     assert block.dropped_activations == ("expand.0", "depthwise.0")
     # 1x1 -> dw3x3 -> 1x1 (+ identity) is a dense 3x3; pruning the depthwise conv leaves 1x1
     assert [(o.id, o.conv.kernel_size, o.conv.groups) for o in block.options] == [
-        ("keep", (3, 3), 1), ("prune:depthwise.0", (1, 1), 1),
+        ("keep", (3, 3), 1),
+        ("prune:depthwise.0", (1, 1), 1),
     ]
     assert keep(block).activation is None  # the linear bottleneck has no activation
     assert keep(graph.span("stem.0->head.0")).activation == "relu6"

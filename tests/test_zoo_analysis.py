@@ -25,17 +25,43 @@ CLASSIFICATION = torchvision.models.list_models(module=torchvision.models)
 SEGMENTATION = torchvision.models.list_models(module=torchvision.models.segmentation)
 
 FAST = (
-    "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_0", "googlenet",
-    "regnet_x_400mf", "densenet121", "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16",
-    "fcn_resnet50", "lraspp_mobilenet_v3_large",
+    "resnet18",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "squeezenet1_0",
+    "googlenet",
+    "regnet_x_400mf",
+    "densenet121",
+    "shufflenet_v2_x0_5",
+    "convnext_tiny",
+    "vit_b_16",
+    "fcn_resnet50",
+    "lraspp_mobilenet_v3_large",
 )
 """A default-run subset: plain, residual, inverted-residual with SE, Fire, Inception,
 grouped, dense, channel-shuffle, ConvNeXt, a transformer and two segmentation heads."""
 
 # models that merge at least one pair of convs (a sanity check on the sweep's results)
-_HAS_MULTI_UNIT_SPANS = ("resnet", "resnext", "wide_resnet", "mobilenet", "mnasnet", "efficientnet", "regnet",
-                         "vgg", "alexnet", "squeezenet", "googlenet", "inception", "densenet", "shufflenet",
-                         "fcn_", "deeplabv3_", "lraspp_")
+_HAS_MULTI_UNIT_SPANS = (
+    "resnet",
+    "resnext",
+    "wide_resnet",
+    "mobilenet",
+    "mnasnet",
+    "efficientnet",
+    "regnet",
+    "vgg",
+    "alexnet",
+    "squeezenet",
+    "googlenet",
+    "inception",
+    "densenet",
+    "shufflenet",
+    "fcn_",
+    "deeplabv3_",
+    "lraspp_",
+)
 
 
 def input_size(name: str) -> int:

@@ -27,7 +27,9 @@ FAST = ["timm:regnetx_002", "timm:lcnet_050", "timm:dla46_c"]
 
 
 def _library(spec: str) -> None:
-    pytest.importorskip({"timm": "timm", "smp": "segmentation_models_pytorch", "diffusers": "diffusers"}[spec.split(":")[0]])
+    pytest.importorskip(
+        {"timm": "timm", "smp": "segmentation_models_pytorch", "diffusers": "diffusers"}[spec.split(":")[0]]
+    )
 
 
 def check_wild(spec: str) -> None:

@@ -80,16 +80,12 @@ def load_exported(path: Path) -> tuple[nn.Module, tuple[tuple[int, ...], ...]]:
     try:
         program = torch.export.load(path)
     except Exception as exc:
-        raise CLIError(
-            f"cannot load {path} with torch.export.load ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise CLIError(f"cannot load {path} with torch.export.load ({type(exc).__name__}: {exc})") from exc
     user_inputs = set(program.graph_signature.user_inputs)
     shapes = tuple(
         tuple(int(v) for v in node.meta["val"].shape)
         for node in program.graph.nodes
-        if node.op == "placeholder"
-        and node.name in user_inputs
-        and hasattr(node.meta.get("val"), "shape")
+        if node.op == "placeholder" and node.name in user_inputs and hasattr(node.meta.get("val"), "shape")
     )
     return runnable(program), shapes
 
@@ -132,9 +128,7 @@ def _models(args: argparse.Namespace) -> tuple[nn.Module, object, list[tuple[str
     return model, x, timed
 
 
-def _time(
-    args: argparse.Namespace, backend: LatencyBackend, x, timed: list[tuple[str, nn.Module]]
-) -> dict:
+def _time(args: argparse.Namespace, backend: LatencyBackend, x, timed: list[tuple[str, nn.Module]]) -> dict:
     """Median latencies, as the JSON object ``bench --json`` prints."""
     say(
         f"timing on {backend.name} ({backend.device}, {backend.threads} threads), "
@@ -152,25 +146,17 @@ def _time(
     }
     progress = show_progress(args)
     if len(timed) == 1:
-        data["original_ms"] = median_latency(
-            timed[0][1], x, backend, args.rounds, progress=progress
-        )
+        data["original_ms"] = median_latency(timed[0][1], x, backend, args.rounds, progress=progress)
         return data
-    first, second = side_by_side(
-        timed[0][1], timed[1][1], x, backend, args.rounds, progress=progress
-    )
+    first, second = side_by_side(timed[0][1], timed[1][1], x, backend, args.rounds, progress=progress)
     data.update(original_ms=first, merged=timed[1][0], merged_ms=second, speedup=first / second)
     return data
 
 
-@command(
-    "bench", "time a model (BatchNorm folded), and its merged version side by side", _arguments
-)
+@command("bench", "time a model (BatchNorm folded), and its merged version side by side", _arguments)
 def bench_command(args: argparse.Namespace) -> int:
     if args.weights is not None and args.plan is None:
-        raise CLIError(
-            "--weights goes with --plan (a .pt2 given with --merged already holds its weights)"
-        )
+        raise CLIError("--weights goes with --plan (a .pt2 given with --merged already holds its weights)")
     model, x, timed = _models(args)
     backend = backend_of(args)
     data = _time(args, backend, x, timed)

@@ -41,9 +41,7 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table: left-aligned columns, a dashed rule under the headers, ``-`` for ``None``."""
-    cells = [[str(c) for c in headers]] + [
-        ["-" if c is None else str(c) for c in row] for row in rows
-    ]
+    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[k]) for row in cells) for k in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -68,9 +66,7 @@ def write_merged(merged: nn.Module, x, out: Path) -> None:
     try:
         export_merged(merged, x, out)
     except Exception as exc:
-        raise CLIError(
-            f"exporting the merged model to {out} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise CLIError(f"exporting the merged model to {out} failed: {type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- models

@@ -126,9 +126,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="how close the measured ratio must come to the target (default 0.03: ±3%%)",
     )
-    loop.add_argument(
-        "--max-rounds", type=int, default=4, metavar="N", help="solves the loop may make (default 4)"
-    )
+    loop.add_argument("--max-rounds", type=int, default=4, metavar="N", help="solves the loop may make (default 4)")
     add_backend_arguments(parser)
     add_data_arguments(parser)
 
@@ -154,9 +152,7 @@ def _compress(
     elif loaders is not None:
         say(f"reading {args.importance_batches} training batch(es) for the importance estimator")
         importance_data = list(itertools.islice(loaders[0], args.importance_batches))
-    say(
-        f"compressing {args.model} to {args.target} on {backend.name} ({backend.device}, {backend.threads} threads)"
-    )
+    say(f"compressing {args.model} to {args.target} on {backend.name} ({backend.device}, {backend.threads} threads)")
     try:
         return compress_model(
             model,
@@ -282,7 +278,11 @@ def _summary(args: argparse.Namespace, out: Path, outcome: _Outcome) -> str:
     met = {True: "met as measured", False: "NOT met as measured", None: "not measured (--no-loop)"}
     ratio = "" if report.measured_ratio is None else f", {report.measured_ratio:.1%} of the original"
     rows = [
-        (f"latency ({report.backend}, {report.threads} threads)", f"{report.original_ms:.3f} ms", _latency_after(report)),
+        (
+            f"latency ({report.backend}, {report.threads} threads)",
+            f"{report.original_ms:.3f} ms",
+            _latency_after(report),
+        ),
         ("target", f"{args.target} = {report.target_ms:.3f} ms", f"{met[report.target_met]}{ratio}"),
         (
             "convs",
@@ -354,8 +354,6 @@ def _compress_command(args: argparse.Namespace) -> int:
     outcome = _Outcome(result, report, merged, error, scores, val_images)
     _write_files(output_dir(out), x, outcome, _settings(args, backend, fine_tuned=loaders is not None))
     print(_summary(args, out, outcome))
-    print(
-        f"\nmeasure it: fxmerge bench {args.model} --merged {out / 'merged.pt2'} --backend {backend.name}"
-    )
+    print(f"\nmeasure it: fxmerge bench {args.model} --merged {out / 'merged.pt2'} --backend {backend.name}")
     say(f"done in {time.perf_counter() - started:.1f} s")
     return 0

@@ -62,9 +62,7 @@ def span_graph_dict(graph: SpanGraph, spec: str | None = None) -> dict:
     }
     keys = ("units", "joins", "positions", "spans", "entries", "rejections")
     data["summary"] = {key: len(data[key]) for key in keys}
-    data["summary"]["coverage_percent"] = (
-        None if graph.coverage is None else round(100 * graph.coverage, 1)
-    )
+    data["summary"]["coverage_percent"] = None if graph.coverage is None else round(100 * graph.coverage, 1)
     data["summary"]["low_coverage"] = is_low_coverage(graph)
     return data
 
@@ -117,10 +115,7 @@ def format_span_graph(graph: SpanGraph, seconds: float | None = None) -> str:
     """Human-readable tables: positions, spans, rejections, then a one-line summary."""
     positions = format_table(
         ("#", "position", "kind", "activation", "shape", "pinned"),
-        [
-            (p.index, p.id, p.kind, p.activation, "×".join(map(str, p.shape)), p.pinned)
-            for p in graph.positions
-        ],
+        [(p.index, p.id, p.kind, p.activation, "×".join(map(str, p.shape)), p.pinned) for p in graph.positions],
     )
     spans = format_table(
         ("span", "units", "options", "merged kernel (keep)"),
@@ -139,14 +134,10 @@ def format_span_graph(graph: SpanGraph, seconds: float | None = None) -> str:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of tables"
-    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-@command(
-    "inspect", "analyse a model: positions, candidate spans, and what cannot be merged", _arguments
-)
+@command("inspect", "analyse a model: positions, candidate spans, and what cannot be merged", _arguments)
 def inspect_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     _, _, graph = analyze_args(args)

@@ -24,9 +24,7 @@ from fxmerge.passes.merge import merge as merge_spans
 def _arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_plan_defaults(parser)
-    parser.add_argument(
-        "--plan", required=True, type=Path, metavar="PLAN", help="plan.json from fxmerge compress"
-    )
+    parser.add_argument("--plan", required=True, type=Path, metavar="PLAN", help="plan.json from fxmerge compress")
     parser.add_argument(
         "--weights",
         type=Path,
@@ -60,9 +58,7 @@ def merge_command(args: argparse.Namespace) -> int:
     check_exact(error)
     write_merged(merged, x, out)
     convs = sum(isinstance(m, nn.modules.conv._ConvNd) for m in merged.modules())
-    print(
-        f"merged {plan.model}: {len(plan.entries)} convs in the plan, {convs} conv modules in the merged model"
-    )
+    print(f"merged {plan.model}: {len(plan.entries)} convs in the plan, {convs} conv modules in the merged model")
     print(f"merged vs linearized: max|Δ|/max|ref| = {error:.1e}")
     print(f"wrote {out / 'merged.pt2'} and {out / 'merged.onnx'}")
     return 0

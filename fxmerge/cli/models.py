@@ -58,9 +58,7 @@ def _build_model(spec: str) -> nn.Module:
     if source == "timm":
         return _timm_model(name)
     if not name:
-        raise CLIError(
-            f"bad model spec {spec!r}: name the factory to call, as in {spec}:build_model"
-        )
+        raise CLIError(f"bad model spec {spec!r}: name the factory to call, as in {spec}:build_model")
     if source.endswith(".py") or "/" in source or "\\" in source:
         with _on_path(Path(source).resolve().parent):  # the file may import its neighbours
             return _call_factory(_import_file(source), source, name)
@@ -108,9 +106,7 @@ def _call_factory(module: ModuleType, source: str, name: str) -> nn.Module:
     except Exception as exc:
         raise CLIError(f"calling {source}:{name}() failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise CLIError(
-            f"{source}:{name}() returned a {type(model).__name__}, not a torch.nn.Module"
-        )
+        raise CLIError(f"{source}:{name}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -186,9 +182,7 @@ def format_shape(shapes: Sequence[tuple[int, ...]]) -> str:
     return ";".join(",".join(map(str, shape)) for shape in shapes)
 
 
-def example_input(
-    shapes: Sequence[tuple[int, ...]], seed: int = 0
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
+def example_input(shapes: Sequence[tuple[int, ...]], seed: int = 0) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """A random example input (a tensor, or a tuple of tensors for several shapes)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = tuple(torch.randn(shape, generator=generator) for shape in shapes)

@@ -80,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make CNNs shallower: latency-aware activation and conv removal with exact kernel merging.",
     )
     parser.add_argument("--version", action="version", version=f"fxmerge {_version()}")
-    parser.add_argument(
-        "--debug", action="store_true", help="let errors propagate with their traceback"
-    )
+    parser.add_argument("--debug", action="store_true", help="let errors propagate with their traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in sorted(COMMANDS.values(), key=_pipeline_order):
         child = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)

@@ -54,9 +54,7 @@ def _setting(key: str, value: object, report: Path | None):
         return parse_shape(str(value))
     if key == "exclude":
         if not isinstance(value, list):
-            raise CLIError(
-                f"{report}: settings.exclude should be a list of module names, not {value!r}"
-            )
+            raise CLIError(f"{report}: settings.exclude should be a list of module names, not {value!r}")
         return [str(v) for v in value]
     if value is None and key == "max_kernel":
         return None  # the rule set's default
@@ -142,7 +140,5 @@ def _state_problems(expected: dict, state: dict) -> list[str]:
     problems = []
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", resized)):
         if keys:
-            problems.append(
-                f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-            )
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
     return problems

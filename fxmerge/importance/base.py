@@ -44,16 +44,12 @@ class Estimator:
     label: str = ""
     shares_parameters = False  # evaluation only: the entry's network may share the captured tensors
     caches_reference = False  # the reference costs an evaluation: the loop caches it like an entry
-    needs_cache_key = (
-        False  # cached only when the build is given a cache_key (which names the estimator)
-    )
+    needs_cache_key = False  # cached only when the build is given a cache_key (which names the estimator)
     reference: float | None = None
     description: str = ""
     data_fingerprint: str | None = None
 
-    def __init__(
-        self, captured: Captured, span_graph: SpanGraph, options: Mapping[str, Any]
-    ) -> None:
+    def __init__(self, captured: Captured, span_graph: SpanGraph, options: Mapping[str, Any]) -> None:
         self.captured = captured
         self.base = captured.gm
         self.span_graph = span_graph
@@ -66,9 +62,7 @@ class Estimator:
 
     def network(self, plan: Plan) -> torch.fx.GraphModule:
         """The captured network with ``plan`` applied, in eval mode."""
-        return linearize(
-            self.captured, self.span_graph, plan, share_parameters=self.shares_parameters
-        )
+        return linearize(self.captured, self.span_graph, plan, share_parameters=self.shares_parameters)
 
     def is_free(self, entry: Entry) -> bool:
         """Whether ``entry`` gets ``Δ = 0`` without an evaluation (default: it is the original network)."""
@@ -82,9 +76,7 @@ class Estimator:
     def prepare(self) -> None:
         """Called before the first entry that is not cached (not at all if all are)."""
 
-    def delta(
-        self, gm: torch.fx.GraphModule, entry: Entry
-    ) -> float:  # pragma: no cover - interface
+    def delta(self, gm: torch.fx.GraphModule, entry: Entry) -> float:  # pragma: no cover - interface
         raise NotImplementedError
 
     def stats(self) -> dict:

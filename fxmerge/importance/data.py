@@ -37,11 +37,7 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return (
-            int(self.inputs[0].shape[0])
-            if self.inputs and isinstance(self.inputs[0], Tensor)
-            else 1
-        )
+        return int(self.inputs[0].shape[0]) if self.inputs and isinstance(self.inputs[0], Tensor) else 1
 
 
 @dataclass

@@ -45,18 +45,13 @@ class Divergence:
                 part[1] += float((ref64**2).sum())
 
     def value(self) -> float:
-        return math.fsum(
-            num / den if den > 0 else (0.0 if num == 0 else math.inf)
-            for num, den in self.parts.values()
-        )
+        return math.fsum(num / den if den > 0 else (0.0 if num == 0 else math.inf) for num, den in self.parts.values())
 
 
 class Distortion(RecordedEstimator):
     label = "distortion"
 
-    def __init__(
-        self, captured: Captured, span_graph: SpanGraph, options: Mapping, data: Data
-    ) -> None:
+    def __init__(self, captured: Captured, span_graph: SpanGraph, options: Mapping, data: Data) -> None:
         super().__init__(captured, span_graph, options, data)
         self.reference = 0.0
 

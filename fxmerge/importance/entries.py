@@ -21,18 +21,14 @@ def single_entry_plan(span_graph: SpanGraph, entry_id: str) -> Plan:
     try:
         entry = span_graph.entry(entry_id)
     except KeyError:
-        raise PlanError(
-            f"entry {entry_id!r} is not in the span graph of {span_graph.model!r}"
-        ) from None
+        raise PlanError(f"entry {entry_id!r} is not in the span graph of {span_graph.model!r}") from None
     inside = set(span_graph.span(entry.span).units)
     chosen = [entry_id]
     for unit in span_graph.units:
         if unit.id not in inside:
             keep = span_graph.keep_entry(unit.id)
             if not _exists(span_graph, keep):
-                raise PlanError(
-                    f"span {span_graph.single_unit_span(unit.id).id!r} has no option that keeps every conv"
-                )
+                raise PlanError(f"span {span_graph.single_unit_span(unit.id).id!r} has no option that keeps every conv")
             chosen.append(keep)
     return Plan.from_entries(span_graph, chosen, method=f"single_entry({entry_id})")
 

@@ -58,9 +58,7 @@ METRICS = ("loss", "accuracy")
 _COMMON = {"batch_size": 64, "max_batches": None}
 DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
-        "distortion": MappingProxyType(
-            {**_COMMON, "random_batches": 4, "seed": 0, "reuse": True, "cache_mb": 2048}
-        ),
+        "distortion": MappingProxyType({**_COMMON, "random_batches": 4, "seed": 0, "reuse": True, "cache_mb": 2048}),
         "loss": MappingProxyType(
             {**_COMMON, "metric": "loss", "loss_fn": None, "seed": 0, "reuse": True, "cache_mb": 2048}
         ),
@@ -117,9 +115,7 @@ def resolve_name(estimator: str | Callable) -> tuple[str, Callable | None]:
 
 def check_options(name: str, options: Mapping[str, Any], why: str = "") -> dict:
     """``options`` over the defaults of estimator ``name``; unknown or invalid ones raise."""
-    allowed = (
-        {**DEFAULTS["distortion"], **DEFAULTS["loss"]} if name == "auto" else dict(DEFAULTS[name])
-    )
+    allowed = {**DEFAULTS["distortion"], **DEFAULTS["loss"]} if name == "auto" else dict(DEFAULTS[name])
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         valid = ", ".join(sorted(allowed)) or "none"
@@ -139,13 +135,9 @@ def check_options(name: str, options: Mapping[str, Any], why: str = "") -> dict:
         if int(merged["steps"]) < 0:
             raise ValueError(f"steps must be >= 0, got {merged['steps']!r}")
         if not 0 < float(merged["eval_fraction"]) < 1:
-            raise ValueError(
-                f"eval_fraction must be between 0 and 1, got {merged['eval_fraction']!r}"
-            )
+            raise ValueError(f"eval_fraction must be between 0 and 1, got {merged['eval_fraction']!r}")
         if not (callable(merged["optimizer"]) or merged["optimizer"] in ("sgd", "adam")):
-            raise ValueError(
-                f"optimizer must be 'sgd', 'adam' or a callable (params, lr), got {merged['optimizer']!r}"
-            )
+            raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable (params, lr), got {merged['optimizer']!r}")
     return merged
 
 
@@ -186,18 +178,13 @@ def make_estimator(
     if options["eval_data"] is not None:
         eval_loaded = _load(options["eval_data"], captured, options, random_batches=False)
         if not eval_loaded.labelled and not user_loss:
-            raise ValueError(
-                needs_labels("finetune", captured.example_inputs, eval_loaded, what="eval_data")
-            )
+            raise ValueError(needs_labels("finetune", captured.example_inputs, eval_loaded, what="eval_data"))
     return Finetune(captured, span_graph, options, loaded, eval_loaded)
 
 
 def _paper(captured: Captured, span_graph: SpanGraph, data: Any, options: Mapping[str, Any]) -> Paper:
     if data is None:
-        raise ValueError(
-            needs_labels("paper", captured.example_inputs, None)
-            + _WITH_LOSS_FN
-        )
+        raise ValueError(needs_labels("paper", captured.example_inputs, None) + _WITH_LOSS_FN)
     device = device_of(captured.example_inputs, captured.gm)
     holdout = make_holdout(
         data,
@@ -212,9 +199,7 @@ def _paper(captured: Captured, span_graph: SpanGraph, data: Any, options: Mappin
     return Paper(captured, span_graph, options, holdout, device)
 
 
-def _load(
-    data: Any, captured: Captured, options: Mapping[str, Any], *, random_batches: bool
-) -> Data:
+def _load(data: Any, captured: Captured, options: Mapping[str, Any], *, random_batches: bool) -> Data:
     inputs = captured.example_inputs
     return load_data(
         data,

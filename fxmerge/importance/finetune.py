@@ -104,9 +104,7 @@ class Finetune(TrainingEstimator):
         return signed(self.options["metric"], value, self.reference)
 
 
-def _split(
-    data: Data, eval_data: Data | None, eval_fraction
-) -> tuple[list[Batch], list[Batch], str]:
+def _split(data: Data, eval_data: Data | None, eval_fraction) -> tuple[list[Batch], list[Batch], str]:
     """Training batches, evaluation batches and the data fingerprint."""
     if eval_data is not None:
         return data.batches, eval_data.batches, f"{data.fingerprint}+{eval_data.fingerprint}"

@@ -32,9 +32,7 @@ from fxmerge.ir import SpanGraph
 
 ENTRY_FORMAT = "fxmerge.importance.entry/1"
 ORIGINAL = "<original>"  # the entry id of a reference score that costs an evaluation of its own
-NOT_IN_KEY = frozenset(
-    {"reuse", "cache_mb", "eval_data"}
-)  # never change a result, or enter another way
+NOT_IN_KEY = frozenset({"reuse", "cache_mb", "eval_data"})  # never change a result, or enter another way
 
 
 def default_cache_dir() -> Path:
@@ -100,9 +98,7 @@ def write_delta(cache: EntryCache | None, fields: dict, delta: float, seconds: f
     """Store ``delta`` (and how long it took) under ``fields``, atomically; no-op without a cache."""
     if cache is None:
         return
-    stored = (
-        delta if math.isfinite(delta) else str(delta)
-    )  # "nan" / "-inf": JSON has no such numbers
+    stored = delta if math.isfinite(delta) else str(delta)  # "nan" / "-inf": JSON has no such numbers
     cache.put(fields, {"delta": stored, "seconds": seconds})
 
 

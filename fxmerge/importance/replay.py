@@ -61,9 +61,7 @@ class Recorder(torch.fx.Interpreter):
 class Replay(torch.fx.Interpreter):
     """Runs a linearized graph; nodes in ``reusable`` take their recorded value."""
 
-    def __init__(
-        self, gm: torch.fx.GraphModule, values: Mapping[str, Any], reusable: frozenset[str]
-    ) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, values: Mapping[str, Any], reusable: frozenset[str]) -> None:
         super().__init__(gm)
         self.values = values
         self.reusable = reusable
@@ -106,17 +104,13 @@ def reusable_nodes(gm: torch.fx.GraphModule, original: torch.fx.GraphModule) -> 
         if node.op in ("placeholder", "get_attr"):
             ok.add(node.name)
             continue
-        if all(a.name in ok for a in node.all_input_nodes) and _same(
-            (node.args, node.kwargs), (old.args, old.kwargs)
-        ):
+        if all(a.name in ok for a in node.all_input_nodes) and _same((node.args, node.kwargs), (old.args, old.kwargs)):
             ok.add(node.name)
             result.add(node.name)
     return frozenset(result)
 
 
-def _same_source(
-    node: torch.fx.Node, gm: torch.fx.GraphModule, original: torch.fx.GraphModule
-) -> bool:
+def _same_source(node: torch.fx.Node, gm: torch.fx.GraphModule, original: torch.fx.GraphModule) -> bool:
     """Whether the attribute or module ``node`` reads holds the same values in both graphs."""
     try:
         if node.op == "get_attr":
@@ -141,10 +135,7 @@ def _same(a, b) -> bool:
         )
     if isinstance(a, dict) or isinstance(b, dict):
         return (
-            isinstance(a, dict)
-            and isinstance(b, dict)
-            and a.keys() == b.keys()
-            and all(_same(a[k], b[k]) for k in a)
+            isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
         )
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return _same_tensor(a, b)
@@ -186,9 +177,7 @@ class RecordedEstimator(Estimator):
 
     shares_parameters = True
 
-    def __init__(
-        self, captured: Captured, span_graph: SpanGraph, options: Mapping, data: Data
-    ) -> None:
+    def __init__(self, captured: Captured, span_graph: SpanGraph, options: Mapping, data: Data) -> None:
         super().__init__(captured, span_graph, options)
         self.data = data
         self.description = data.description
@@ -213,9 +202,7 @@ class RecordedEstimator(Estimator):
                 if self.options["reuse"] and used < budget:
                     recorder = Recorder(self.base)
                     output = recorder.run(*batch.inputs)
-                    used += sum(
-                        t.nbytes for t in tree_leaves(recorder.values) if isinstance(t, Tensor)
-                    )
+                    used += sum(t.nbytes for t in tree_leaves(recorder.values) if isinstance(t, Tensor))
                     values = recorder.values if used <= budget else None
                 else:
                     output = self.base(*batch.inputs)

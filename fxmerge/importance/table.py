@@ -64,7 +64,6 @@ from fxmerge.plan import PlanError
 FORMAT = "fxmerge.importance_table/1"
 
 
-
 @dataclass(frozen=True)
 class ImportanceTable(FrozenTable):
     """Importance ``I = exp(Δ)`` of every entry id; ``I < 1`` is a drop, ``I == 1`` no change.
@@ -79,9 +78,7 @@ class ImportanceTable(FrozenTable):
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "entries", frozen_mapping({str(k): float(v) for k, v in self.entries.items()})
-        )
+        object.__setattr__(self, "entries", frozen_mapping({str(k): float(v) for k, v in self.entries.items()}))
         object.__setattr__(self, "info", frozen_mapping(self.info))
 
     def __getitem__(self, entry_id: str) -> float:
@@ -109,9 +106,7 @@ class ImportanceTable(FrozenTable):
     @classmethod
     def from_dict(cls, data: Mapping) -> ImportanceTable:
         if data.get("format") != FORMAT:
-            raise ValueError(
-                f"not an importance table: format {data.get('format')!r}, expected {FORMAT!r}"
-            )
+            raise ValueError(f"not an importance table: format {data.get('format')!r}, expected {FORMAT!r}")
         return cls(
             estimator=str(data["estimator"]),
             entries={str(k): float(v) for k, v in data["entries"].items()},
@@ -269,8 +264,7 @@ def _check_model(captured: Captured, span_graph: SpanGraph) -> None:
         )
     if captured.name != span_graph.model:
         raise PlanError(
-            f"this span graph was made for model {span_graph.model!r}, not {captured.name!r}; "
-            "analyze this model first"
+            f"this span graph was made for model {span_graph.model!r}, not {captured.name!r}; analyze this model first"
         )
 
 
@@ -282,9 +276,7 @@ def to_importance(delta: float) -> float:
 
 
 # --------------------------------------------------------------------------- the run loop
-def cached_deltas(
-    cache: EntryCache | None, key: dict, entries: Iterable[Entry]
-) -> dict[str, float]:
+def cached_deltas(cache: EntryCache | None, key: dict, entries: Iterable[Entry]) -> dict[str, float]:
     """``Δ`` of each of ``entries`` already in the cache under ``key``."""
     found = {}
     for entry in entries:

@@ -44,8 +44,6 @@ def entry_seed(seed: int, entry_id: str) -> int:
     return int(seed) + int(hashlib.sha256(entry_id.encode()).hexdigest()[:8], 16)
 
 
-
-
 class TrainingEstimator(Estimator):
     """An estimator that trains each entry's network before measuring it."""
 
@@ -115,9 +113,7 @@ def reset_conv(weight: Tensor, bias: Tensor | None, generator: torch.Generator) 
             nn.init.uniform_(bias, -bound, bound, generator=generator)
 
 
-def reset_unit(
-    gm: torch.fx.GraphModule, base: torch.fx.GraphModule, unit: Unit, generator: torch.Generator
-) -> bool:
+def reset_unit(gm: torch.fx.GraphModule, base: torch.fx.GraphModule, unit: Unit, generator: torch.Generator) -> bool:
     """Re-initialise ``unit``'s conv (and BatchNorms) in ``gm``, an entry's network of ``base``."""
     found = conv_parameters(base, unit.conv_node)
     if found is None:

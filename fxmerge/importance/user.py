@@ -33,9 +33,7 @@ class UserScore(Estimator):
     caches_reference = True
     needs_cache_key = True  # nothing else identifies the callable across runs
 
-    def __init__(
-        self, captured: Captured, span_graph: SpanGraph, fn: Callable[[nn.Module], float]
-    ) -> None:
+    def __init__(self, captured: Captured, span_graph: SpanGraph, fn: Callable[[nn.Module], float]) -> None:
         super().__init__(captured, span_graph, {})
         self.fn = fn
         self.label = callable_label(fn)

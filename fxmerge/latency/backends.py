@@ -191,7 +191,10 @@ class Runner:
         backend = self.backend
         with backend._torch_threads(), type(backend).grad_mode():
             return time_runs(
-                self.step, policy or backend.policy, batch_size=self.batch_size, threads=backend.threads,
+                self.step,
+                policy or backend.policy,
+                batch_size=self.batch_size,
+                threads=backend.threads,
                 cuda=backend.device == "cuda",
             )
 
@@ -241,9 +244,7 @@ class OnnxRuntimeBackend(_Backend):
         try:
             self._ort = importlib.import_module("onnxruntime")
         except ImportError as error:
-            raise BackendUnavailable(
-                "the onnxruntime backend needs ONNX Runtime: pip install onnxruntime"
-            ) from error
+            raise BackendUnavailable("the onnxruntime backend needs ONNX Runtime: pip install onnxruntime") from error
         if torch.device(device).type != "cpu":
             raise BackendUnavailable(
                 "the onnxruntime backend runs on the CPU execution provider only; "

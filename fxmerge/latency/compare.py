@@ -85,7 +85,9 @@ class Comparator:
         runs = self._block_size(candidate_runner)
         ratios, reference_ms, candidate_ms = [], [], []
         for k in range(self.max_rounds):
-            order = (self._reference_runner, candidate_runner) if k % 2 == 0 else (candidate_runner, self._reference_runner)
+            order = (
+                (self._reference_runner, candidate_runner) if k % 2 == 0 else (candidate_runner, self._reference_runner)
+            )
             blocks = {id(r): statistics.median(r.block(runs)) for r in order}
             reference_ms.append(blocks[id(self._reference_runner)])
             candidate_ms.append(blocks[id(candidate_runner)])
@@ -96,8 +98,10 @@ class Comparator:
 
     def _block_size(self, candidate_runner) -> int:
         """Runs per block: about ``block_ms`` of the slower model, between 3 and 50."""
-        probe = max(statistics.median(self._reference_runner.block(3, warmup=1)),
-                    statistics.median(candidate_runner.block(3, warmup=1)))
+        probe = max(
+            statistics.median(self._reference_runner.block(3, warmup=1)),
+            statistics.median(candidate_runner.block(3, warmup=1)),
+        )
         return int(min(50, max(3, self.block_ms / max(probe, 1e-6))))
 
     def _compare_by_measure(self, candidate: nn.Module) -> Comparison:
@@ -116,8 +120,11 @@ class Comparator:
 def _summary(reference_ms: list[float], candidate_ms: list[float], ratios: list[float]) -> Comparison:
     spread = median_rel_error(ratios) if len(ratios) > 1 else float("inf")
     return Comparison(
-        reference_ms=statistics.median(reference_ms), candidate_ms=statistics.median(candidate_ms),
-        ratio=statistics.median(ratios), rel_error=0.0 if len(set(ratios)) == 1 else spread, rounds=len(ratios),
+        reference_ms=statistics.median(reference_ms),
+        candidate_ms=statistics.median(candidate_ms),
+        ratio=statistics.median(ratios),
+        rel_error=0.0 if len(set(ratios)) == 1 else spread,
+        rounds=len(ratios),
     )
 
 

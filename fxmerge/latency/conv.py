@@ -73,9 +73,17 @@ def null_spec(spec: ConvSpec) -> ConvSpec | None:
             return None
         padding.append(p)
     null = ConvSpec(
-        dims=dims, in_channels=spec.in_channels, out_channels=spec.out_channels, kernel_size=(1,) * dims,
-        stride=spec.stride, padding=tuple(padding), dilation=(1,) * dims,
-        groups=math.gcd(spec.in_channels, spec.out_channels), bias=spec.bias, activation=spec.activation,
-        input_shape=spec.input_shape, dtype=spec.dtype,
+        dims=dims,
+        in_channels=spec.in_channels,
+        out_channels=spec.out_channels,
+        kernel_size=(1,) * dims,
+        stride=spec.stride,
+        padding=tuple(padding),
+        dilation=(1,) * dims,
+        groups=math.gcd(spec.in_channels, spec.out_channels),
+        bias=spec.bias,
+        activation=spec.activation,
+        input_shape=spec.input_shape,
+        dtype=spec.dtype,
     )
     return None if null == spec else null

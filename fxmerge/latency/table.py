@@ -51,7 +51,6 @@ from fxmerge.latency.timing import Measurement
 FORMAT = "fxmerge.latency_table/1"
 
 
-
 @dataclass(frozen=True)
 class LatencyTable(FrozenTable):
     """Latency in milliseconds of every entry id, on one backend and device.
@@ -181,9 +180,13 @@ def _build(span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool
     overhead: dict[str, float] = {}
     if getattr(backend, "standalone_overhead", False):
         overhead = _standalone_overheads(by_signature, backend, cache, progress, shard=shard)
-    entries = {e.id: 0.0 if e.option.identity else  # an identity option costs nothing
-               _in_model_ms(results[e.conv.signature()].median_ms, overhead.get(e.conv.signature(), 0.0))
-               for e in span_graph.entries}
+    entries = {
+        e.id: 0.0
+        if e.option.identity
+        # an identity option costs nothing
+        else _in_model_ms(results[e.conv.signature()].median_ms, overhead.get(e.conv.signature(), 0.0))
+        for e in span_graph.entries
+    }
     info = {
         **_backend_info(backend),
         "batch_size": _common(spec.input_shape[0] for spec in by_signature.values()),
@@ -203,7 +206,9 @@ def _build(span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool
     )
 
 
-def _measure_all(specs: dict[str, ConvSpec], backend, cache, bar, *, shard: bool) -> tuple[dict[str, Measurement], int, int]:
+def _measure_all(
+    specs: dict[str, ConvSpec], backend, cache, bar, *, shard: bool
+) -> tuple[dict[str, Measurement], int, int]:
     """Every spec's measurement (cached or timed), and how many were timed and read from the cache.
 
     With ``shard`` this rank times its share (:func:`~fxmerge.distributed.shard`; each
@@ -261,11 +266,15 @@ def describe_timing(rule: str, backend: LatencyBackend) -> str:
     """The timing rule applied, in words (for the table's ``info`` and the report)."""
     world = distributed.world_size()
     if rule == "shard":
-        return (f"latency table sharded across {world} processes, each timing its share on its own "
-                f"{backend.device_name}; the end-to-end timings made by rank 0 alone")
-    return (f"latency measured by one process per device type ({backend.name} on {backend.device}, "
-            f"{backend.device_name}): the lowest rank of each type timed, the other ranks of {world} received "
-            "the table; timing in parallel on one device would corrupt the numbers")
+        return (
+            f"latency table sharded across {world} processes, each timing its share on its own "
+            f"{backend.device_name}; the end-to-end timings made by rank 0 alone"
+        )
+    return (
+        f"latency measured by one process per device type ({backend.name} on {backend.device}, "
+        f"{backend.device_name}): the lowest rank of each type timed, the other ranks of {world} received "
+        "the table; timing in parallel on one device would corrupt the numbers"
+    )
 
 
 def _measure_cached(signature: str, spec: ConvSpec, backend, cache) -> tuple[Measurement, bool]:
@@ -286,8 +295,9 @@ def _in_model_ms(standalone_ms: float, overhead_ms: float) -> float:
     return max(standalone_ms - overhead_ms, 0.01 * standalone_ms)
 
 
-def _standalone_overheads(by_signature: dict[str, ConvSpec], backend, cache, progress: bool, *,
-                          shard: bool = False) -> dict[str, float]:
+def _standalone_overheads(
+    by_signature: dict[str, ConvSpec], backend, cache, progress: bool, *, shard: bool = False
+) -> dict[str, float]:
     """Per conv signature, what timing it alone costs beyond its work inside a model.
 
     Measured as the time of :func:`~fxmerge.latency.conv.null_spec` (same tensors, next
@@ -295,8 +305,13 @@ def _standalone_overheads(by_signature: dict[str, ConvSpec], backend, cache, pro
     """
     nulls = {signature: null_spec(spec) for signature, spec in by_signature.items()}
     distinct = {n.signature(): n for n in nulls.values() if n is not None}
-    bar = tqdm(total=len(distinct), desc=f"standalone overhead ({backend.name})", unit="conv",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(distinct),
+        desc=f"standalone overhead ({backend.name})",
+        unit="conv",
+        disable=not progress,
+        leave=False,
+    )
     with bar:
         results, _, _ = _measure_all(distinct, backend, cache, bar, shard=shard)
     return {signature: results[n.signature()].median_ms for signature, n in nulls.items() if n is not None}

@@ -101,7 +101,12 @@ def time_runs(
     times = _timed_cuda(step, policy) if cuda else _timed_cpu(step, policy)
     median, iqr = summarise(times)
     return Measurement(
-        median_ms=median, iqr_ms=iqr, runs=len(times), warmup=warmed, batch_size=batch_size, threads=threads,
+        median_ms=median,
+        iqr_ms=iqr,
+        runs=len(times),
+        warmup=warmed,
+        batch_size=batch_size,
+        threads=threads,
         rel_error=median_rel_error(times),
     )
 

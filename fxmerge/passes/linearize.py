@@ -83,7 +83,11 @@ _FUNCTIONAL_CONV = {1: F.conv1d, 2: F.conv2d}
 
 
 def linearize(
-    captured: Captured, span_graph: SpanGraph, plan: Plan, *, share_parameters: bool = False,
+    captured: Captured,
+    span_graph: SpanGraph,
+    plan: Plan,
+    *,
+    share_parameters: bool = False,
     postnorm: bool | None = None,
 ) -> torch.fx.GraphModule:
     """A GraphModule computing ``plan`` applied to the captured model, in eval mode.
@@ -130,7 +134,9 @@ class _Rewriter:
         start = self.node(sg.position(span.start).node)
         start = next((u for u in start.users if is_marker(u, SPAN_END)), start)  # an earlier span's output
         end_activation = _activation_nodes(sg, span.end)
-        end_pre = _activation_input(self.node(end_activation[0])) if end_activation else self.node(sg.position(span.end).node)
+        end_pre = (
+            _activation_input(self.node(end_activation[0])) if end_activation else self.node(sg.position(span.end).node)
+        )
         for position_id in span.dropped_activations:
             self._drop_activation(_activation_nodes(sg, position_id))
         for unit_id in entry.option.pruned:
@@ -274,14 +280,18 @@ def _own_region(gm: torch.fx.GraphModule, region: set[torch.fx.Node], end: torch
 
 
 _IN_PLACE = {
-    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
     operator.itruediv: operator.truediv,
 }
 for _name in ("add", "sub", "mul", "div"):
-    _IN_PLACE.update({
-        getattr(getattr(torch.ops.aten, _name + "_"), overload): getattr(getattr(torch.ops.aten, _name), overload)
-        for overload in ("Tensor", "Scalar")
-    })
+    _IN_PLACE.update(
+        {
+            getattr(getattr(torch.ops.aten, _name + "_"), overload): getattr(getattr(torch.ops.aten, _name), overload)
+            for overload in ("Tensor", "Scalar")
+        }
+    )
 
 
 def _out_of_place(node: torch.fx.Node) -> None:
@@ -368,8 +378,15 @@ def _unpad_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, site) -> torch.fx
             bias = gm.graph.get_attr(f"{node.target}.bias") if site.params.bias is not None else None
             functional = gm.graph.call_function(
                 _FUNCTIONAL_CONV[dims],
-                (node.args[0], weight, bias, list(site.params.stride), zeros, list(site.params.dilation),
-                 site.params.groups),
+                (
+                    node.args[0],
+                    weight,
+                    bias,
+                    list(site.params.stride),
+                    zeros,
+                    list(site.params.dilation),
+                    site.params.groups,
+                ),
             )
         functional.meta.update(node.meta)
         node.replace_all_uses_with(functional)

@@ -105,9 +105,7 @@ class _JoinSite:
     tail: _Tail
 
 
-def match(
-    gm: torch.fx.GraphModule, exclude: tuple[str, ...] = (), leaves: dict[str, str] | None = None
-) -> Matched:
+def match(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = (), leaves: dict[str, str] | None = None) -> Matched:
     """Label the units, joins, positions and boundaries of a captured graph.
 
     ``exclude`` lists module-path prefixes whose convs stay out of every multi-unit
@@ -122,9 +120,7 @@ def match(
         _unit_record(site, source, exclude, positions.side_inputs(site.tail), positions.after_upsample(source))
         for site, source in zip(units, inputs)
     ]
-    join_records = [
-        _join_record(site, ops, positions.side_inputs(site.tail)) for site, ops in zip(joins, operands)
-    ]
+    join_records = [_join_record(site, ops, positions.side_inputs(site.tail)) for site, ops in zip(joins, operands)]
     sides = {side.node for site in [*units, *joins] for side in site.tail.sides}
     position_records = positions.records(gm, claimed, sides)
     rejections = _boundaries(gm, claimed, leaves or {})
@@ -273,10 +269,19 @@ class _PositionResolver:
         records = []
         for index, (pid, (kind, node, act)) in enumerate(ranked):
             inputs, product = self.upstream(node.all_input_nodes) if kind == "source" else ((), False)
-            records.append(Position(
-                id=pid, index=index, kind=kind, node=node.name, activation=act, shape=shape_of(node) or (),
-                pinned=_outside_use(node, gm, claimed, sides), inputs=inputs, attention=product and bool(inputs),
-            ))
+            records.append(
+                Position(
+                    id=pid,
+                    index=index,
+                    kind=kind,
+                    node=node.name,
+                    activation=act,
+                    shape=shape_of(node) or (),
+                    pinned=_outside_use(node, gm, claimed, sides),
+                    inputs=inputs,
+                    attention=product and bool(inputs),
+                )
+            )
         return tuple(records)
 
 
@@ -308,8 +313,11 @@ def _unit_record(
         problem = "excluded by the user"
     params = conv.params
     spec = ConvSpec.of_conv(
-        params, input_shape=shape_of(conv.input) or (), activation=tail.activation_name,
-        bias=params.bias is not None or bool(tail.affines) or bool(tail.sides), dtype=dtype_of(conv.node),
+        params,
+        input_shape=shape_of(conv.input) or (),
+        activation=tail.activation_name,
+        bias=params.bias is not None or bool(tail.affines) or bool(tail.sides),
+        dtype=dtype_of(conv.node),
     )
     reducible = (
         problem is None
@@ -318,10 +326,17 @@ def _unit_record(
         and all(2 * p == d * (k - 1) for p, d, k in zip(spec.padding, spec.dilation, spec.kernel_size))
     )
     return Unit(
-        id=site.id, conv_node=conv.node.name, affine_nodes=tuple(a.node.name for a in tail.affines),
+        id=site.id,
+        conv_node=conv.node.name,
+        affine_nodes=tuple(a.node.name for a in tail.affines),
         activation_node=tail.activation.name if tail.activation is not None else None,
-        activation=tail.activation_name, conv=spec, input_position=input_position, output_position=site.id,
-        reducible=reducible, ineligible=problem, **_tail_fields(tail, side_inputs),
+        activation=tail.activation_name,
+        conv=spec,
+        input_position=input_position,
+        output_position=site.id,
+        reducible=reducible,
+        ineligible=problem,
+        **_tail_fields(tail, side_inputs),
         droppable=reducible and after_upsample,
     )
 
@@ -332,10 +347,15 @@ def _join_record(site: _JoinSite, operands: tuple[str, ...], side_inputs: tuple[
         problem = "the same tensor enters the join twice"
     tail = site.tail
     return Join(
-        id=site.id, kind=site.join.kind, node=site.join.node.name,
+        id=site.id,
+        kind=site.join.kind,
+        node=site.join.node.name,
         affine_nodes=tuple(a.node.name for a in tail.affines),
         activation_node=tail.activation.name if tail.activation is not None else None,
-        activation=tail.activation_name, operands=operands, output_position=site.id, ineligible=problem,
+        activation=tail.activation_name,
+        operands=operands,
+        output_position=site.id,
+        ineligible=problem,
         **_tail_fields(tail, side_inputs),
     )
 
@@ -396,8 +416,10 @@ def _boundaries(gm: torch.fx.GraphModule, claimed: dict, leaves: dict[str, str])
 def _boundary_reason(node: torch.fx.Node, gm, leaves: dict[str, str]) -> str:
     norm = norm_site(node, gm)
     if norm is not None:
-        return (f"{norm.kind} kept: a norm is removable only as a normalised activation (directly "
-                "followed by an activation, reading a tensor nothing else reads, after a conv or join)")
+        return (
+            f"{norm.kind} kept: a norm is removable only as a normalised activation (directly "
+            "followed by an activation, reading a tensor nothing else reads, after a conv or join)"
+        )
     if node.op == "call_module":
         module = submodule(gm, node.target)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -218,7 +218,12 @@ def _side_bias(node: torch.fx.Node, values: dict, span: str) -> tuple[kernels.Li
         return None
     value, side = values[inside[0]], outside[0]
     shape = shape_of(side)
-    if shape is None or len(shape) != value.dims + 2 or shape[1] != value.out_channels or any(s != 1 for s in shape[2:]):
+    if (
+        shape is None
+        or len(shape) != value.dims + 2
+        or shape[1] != value.out_channels
+        or any(s != 1 for s in shape[2:])
+    ):
         raise MergeError(
             f"span {span!r}: {node.name} adds {side.name} of shape {shape}; only a side bias of one value "
             f"per sample and channel ((N, {value.out_channels}, 1, ...)) merges exactly"
@@ -268,8 +273,13 @@ def _fold_affines(gm: torch.fx.GraphModule, counter: list[int]) -> None:
             continue
         if params.bias is None:
             params = kernels.ConvParams(
-                params.weight, torch.zeros(params.out_channels, dtype=params.weight.dtype), params.stride,
-                params.padding, params.dilation, params.groups, params.padding_mode,
+                params.weight,
+                torch.zeros(params.out_channels, dtype=params.weight.dtype),
+                params.stride,
+                params.padding,
+                params.dilation,
+                params.groups,
+                params.padding_mode,
             )
         module = params.to_module()
         module.padding_mode = params.padding_mode
@@ -285,8 +295,13 @@ def _fold_affines(gm: torch.fx.GraphModule, counter: list[int]) -> None:
 def _fold_chain(conv: torch.fx.Node, params: kernels.ConvParams, gm):
     """The conv with every affine that is the sole reader of its output folded in, and the last one."""
     params = kernels.ConvParams(
-        params.weight.detach(), None if params.bias is None else params.bias.detach(), params.stride,
-        params.padding, params.dilation, params.groups, params.padding_mode,
+        params.weight.detach(),
+        None if params.bias is None else params.bias.detach(),
+        params.stride,
+        params.padding,
+        params.dilation,
+        params.groups,
+        params.padding_mode,
     )
     last = conv
     while len(last.users) == 1:

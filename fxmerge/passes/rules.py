@@ -76,11 +76,13 @@ def paper_rules(graph: SpanGraph) -> SpanGraph:
     outside = structure.outside()
     table = _table(kept, outside)
     listed = ", ".join(f"{unit} ({why.split(':')[0]})" for unit, why in outside.items()) or "none"
-    notes.append(Rejection(
-        "<paper rules>",
-        f"search table: {len(table)} spans, {sum(len(s.options) for s in table)} entries; "
-        f"outside it, each with only its own fixed span: {listed}",
-    ))
+    notes.append(
+        Rejection(
+            "<paper rules>",
+            f"search table: {len(table)} spans, {sum(len(s.options) for s in table)} entries; "
+            f"outside it, each with only its own fixed span: {listed}",
+        )
+    )
     return replace(graph, rules="paper", spans=tuple(kept), chains=chains, rejections=graph.rejections + tuple(notes))
 
 
@@ -195,7 +197,9 @@ class _Structure:
                 reach = nx.descendants(view, unit.input_position)
                 for other in others & reach:
                     between = (reach & nx.ancestors(view, other)) | {unit.input_position, other}
-                    convs = [u for u in self.graph.units if u.input_position in between and u.output_position in between]
+                    convs = [
+                        u for u in self.graph.units if u.input_position in between and u.output_position in between
+                    ]
                     if len(convs) > 1:
                         found.add(unit.id)
         return found
@@ -224,8 +228,7 @@ class _Structure:
         if until is not None:
             reach &= nx.ancestors(self.flow, until) | {until}
         return [
-            data["unit"] for a, b, data in self.flow.edges(data=True)
-            if "unit" in data and a in reach and b in reach
+            data["unit"] for a, b, data in self.flow.edges(data=True) if "unit" in data and a in reach and b in reach
         ]
 
     def _breaks(self) -> dict[str, str]:

@@ -42,7 +42,6 @@ from fxmerge.ir import (
     Option,
     Parallel,
     Position,
-    Rejection,
     Span,
     SpanGraph,
     Step,
@@ -50,8 +49,7 @@ from fxmerge.ir import (
     span_id,
 )
 from fxmerge.kernels import Footprint
-
-_ROOT = "__root__"
+from fxmerge.passes.regions import find_regions
 
 MAX_MERGED_PARAMS = 2**26
 """A merged conv with more weights than this (256 MiB in fp32) is never offered: it is
@@ -65,7 +63,15 @@ OPTION_KEYS = {
 """Options of a span that give the same key are one option (the largest summed |weight| wins)."""
 
 
-def span_graph(matched: Matched, *, model: str, input_shapes, rules: str = "general", max_kernel: int | None = 15, max_units: int | None = 12) -> SpanGraph:
+def span_graph(
+    matched: Matched,
+    *,
+    model: str,
+    input_shapes,
+    rules: str = "general",
+    max_kernel: int | None = 15,
+    max_units: int | None = 12,
+) -> SpanGraph:
     """Build the span graph of a matched graph.
 
     ``rules`` picks how options are deduplicated (:data:`OPTION_KEYS`); the paper's
@@ -85,7 +91,7 @@ def span_graph(matched: Matched, *, model: str, input_shapes, rules: str = "gene
         for operand in join.operands:
             graph.add_edge(operand, join.output_position, join=join.id)
 
-    regions, fixed_joins, rejections = _find_regions(graph, joins, positions)
+    regions, fixed_joins, rejections = find_regions(graph, joins, positions)
     pinned = {pid: p.pinned for pid, p in positions.items() if p.pinned}
     for join_id in fixed_joins:
         for operand in joins[join_id].operands:
@@ -113,82 +119,6 @@ def span_graph(matched: Matched, *, model: str, input_shapes, rules: str = "gene
         rejections=matched.rejections + tuple(rejections),
         settings=(("max_kernel", str(max_kernel)), ("max_units", str(max_units))),
     )
-
-
-# --------------------------------------------------------------------- regions
-def _find_regions(graph: nx.DiGraph, joins: dict[str, Join], positions: dict[str, Position]):
-    rooted = graph.copy()
-    for node in list(graph.nodes):
-        if graph.in_degree(node) == 0:
-            rooted.add_edge(_ROOT, node)
-    idom = nx.immediate_dominators(rooted, _ROOT) if len(rooted) > 1 else {}
-    regions: dict[str, tuple[str, list[tuple[str, set[str]]]]] = {}
-    fixed: list[str] = []
-    rejections: list[Rejection] = []
-    for join in joins.values():
-        b = join.output_position
-        a = idom.get(b, _ROOT)
-        reason = _region_problem(graph, join, a, b, positions)
-        if reason is None:
-            descendants = nx.descendants(graph, a)
-            branches = []
-            for operand in join.operands:
-                nodes = {a, operand} | (descendants & nx.ancestors(graph, operand))
-                branches.append((operand, nodes))
-            regions[b] = (a, branches)
-        else:
-            fixed.append(join.id)
-            rejections.append(Rejection(join.node, f"join kept as it is: {reason}"))
-    _demote_enclosing(regions, fixed, rejections, joins)
-    return regions, fixed, rejections
-
-
-def _demote_enclosing(regions: dict, fixed: list[str], rejections: list[Rejection], joins: dict[str, Join]) -> None:
-    """A region that holds a join kept as it is cannot be walked branch by branch: keep it as it is too.
-
-    (``(a + b) + c`` after one conv: the inner add is a region, the outer one is not, and
-    a residual around both must then not be a region either.) Repeated until nothing changes.
-    """
-    by_output = {j.output_position: j for j in joins.values()}
-    changed = True
-    while changed:
-        changed = False
-        kept = {joins[j].output_position for j in fixed} | {o for j in fixed for o in joins[j].operands}
-        for b, (a, branches) in list(regions.items()):
-            inside = set().union(*(nodes for _, nodes in branches)) - {a}
-            if inside & kept:
-                del regions[b]
-                fixed.append(by_output[b].id)
-                rejections.append(Rejection(by_output[b].node, "join kept as it is: it encloses a join kept as it is"))
-                changed = True
-
-
-def _region_problem(graph, join: Join, a: str, b: str, positions) -> str | None:
-    if a == _ROOT:
-        return "its operands have no common source position"
-    descendants = nx.descendants(graph, a)
-    inside = {a, b} | (descendants & nx.ancestors(graph, b))
-    for node in inside - {a}:
-        if any(pred not in inside for pred in graph.predecessors(node)):
-            return f"{node} inside the region is also fed from outside it"
-    for node in inside - {a, b}:
-        if any(succ not in inside for succ in graph.successors(node)):
-            return f"{node} inside the region is also read outside it"
-        if positions[node].pinned:
-            return f"{node} inside the region is {positions[node].pinned}"
-    seen: set[str] = set()
-    for operand in join.operands:
-        nodes = ({operand} | (descendants & nx.ancestors(graph, operand))) - {a}
-        if nodes & seen:
-            return "its branches share positions (not series-parallel)"
-        seen |= nodes
-        if operand != a:
-            entries = [s for s in graph.successors(a) if s in nodes]
-            if len(entries) != 1:
-                return "a branch leaves the source through several edges"
-    if len(inside) == 2 and all(o == a for o in join.operands):
-        return "a cat of a single tensor" if len(join.operands) == 1 else "joins a tensor with itself"
-    return None
 
 
 class _ChainBuilder:
@@ -228,8 +158,7 @@ class _ChainBuilder:
 
     def _unit_edges(self, p, nodes):
         return [
-            (q, data["unit"]) for q, data in self.graph[p].items()
-            if "unit" in data and (nodes is None or q in nodes)
+            (q, data["unit"]) for q, data in self.graph[p].items() if "unit" in data and (nodes is None or q in nodes)
         ]
 
     def _walk(self, start, first, stop, nodes):
@@ -364,7 +293,7 @@ class _SpanEnumerator:
                 if j - i > 1 or steps[0].kind != "unit":
                     if not all(self.crossable(s) for s in steps):
                         break
-                    if any(p in self.pinned for p in chain.positions[i + 1:j]):
+                    if any(p in self.pinned for p in chain.positions[i + 1 : j]):
                         break
                     if self._side_reads(chain.positions[i], steps):
                         break  # so does every longer span from here: it holds the same side bias
@@ -408,7 +337,7 @@ class _SpanEnumerator:
         if not unit_ids or self._too_many(len(unit_ids)):
             return None
         joins = [jid for s in steps if s.kind == "parallel" for jid in self.region_joins(s.region)]
-        inner = list(chain.positions[i + 1:j])
+        inner = list(chain.positions[i + 1 : j])
         for s in steps:
             if s.kind == "parallel":
                 inner.extend(self.region_positions(s.region))
@@ -460,9 +389,18 @@ class _SpanEnumerator:
             return None
         dims = first.dims
         spec = ConvSpec(
-            dims=dims, in_channels=fp.channels_in, out_channels=fp.channels_out, kernel_size=fp.kernel,
-            stride=fp.stride, padding=tuple(-o for o in fp.offset), dilation=(1,) * dims,
-            groups=fp.groups, bias=True, activation=end.activation, input_shape=start.shape, dtype=first.dtype,
+            dims=dims,
+            in_channels=fp.channels_in,
+            out_channels=fp.channels_out,
+            kernel_size=fp.kernel,
+            stride=fp.stride,
+            padding=tuple(-o for o in fp.offset),
+            dilation=(1,) * dims,
+            groups=fp.groups,
+            bias=True,
+            activation=end.activation,
+            input_shape=start.shape,
+            dtype=first.dtype,
         )
         if end.shape and spec.output_shape != tuple(end.shape):
             return None
@@ -503,7 +441,9 @@ class _SpanEnumerator:
             states = {key: best for key, best in states.items() if not self._too_wide(key[0])}
         return states
 
-    def _unit_choices(self, unit: Unit, index: dict[str, int]) -> dict[tuple[Footprint | None, bool], tuple[float, tuple[int, ...]]]:
+    def _unit_choices(
+        self, unit: Unit, index: dict[str, int]
+    ) -> dict[tuple[Footprint | None, bool], tuple[float, tuple[int, ...]]]:
         """Keep the conv, or, when it is reducible, prune it (``None``: the identity)."""
         choices = {(Footprint.of_conv(unit.conv), True): (self.norms.get(unit.id, 1.0), ())}
         if unit.reducible:
@@ -543,8 +483,14 @@ def _identity_option(unit: Unit) -> Option:
     spec, dims = unit.conv, unit.conv.dims
     channels = spec.out_channels
     conv = replace(
-        spec, in_channels=channels, kernel_size=(1,) * dims, stride=(1,) * dims, padding=(0,) * dims,
-        dilation=(1,) * dims, groups=channels, bias=False,
+        spec,
+        in_channels=channels,
+        kernel_size=(1,) * dims,
+        stride=(1,) * dims,
+        padding=(0,) * dims,
+        dilation=(1,) * dims,
+        groups=channels,
+        bias=False,
     )
     return Option(id=f"prune:{unit.id}", pruned=(unit.id,), conv=conv, identity=True)
 
@@ -586,6 +532,7 @@ def _join(a: Footprint, b: Footprint, kind: str) -> Footprint | None:
         return Footprint.combine([a, b], kind)
     except ValueError:  # branches of different strides: no single conv
         return None
+
 
 def _mark_mergeable(chain: Chain, enumerator: _SpanEnumerator) -> Chain:
     steps = []

@@ -41,30 +41,51 @@ _POOL1 = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d}
 
 # ------------------------------------------------------------------ activations
 _MODULES: dict[str, Callable[..., nn.Module]] = {
-    "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": lambda **kw: nn.LeakyReLU(0.1, **kw),
-    "hardtanh": lambda **kw: nn.Hardtanh(-1.0, 1.0, **kw), "silu": nn.SiLU, "hardswish": nn.Hardswish,
-    "mish": nn.Mish, "elu": nn.ELU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "leaky_relu": lambda **kw: nn.LeakyReLU(0.1, **kw),
+    "hardtanh": lambda **kw: nn.Hardtanh(-1.0, 1.0, **kw),
+    "silu": nn.SiLU,
+    "hardswish": nn.Hardswish,
+    "mish": nn.Mish,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
 }
 _FUNCTIONS: dict[tuple[str, str], Callable] = {
-    ("relu", "functional"): F.relu, ("relu", "torch"): torch.relu, ("relu", "method"): lambda x: x.relu(),
-    ("relu", "functional_inplace"): lambda x: F.relu(x, inplace=True), ("relu", "underscore"): F.relu_,
-    ("relu", "method_inplace"): lambda x: x.relu_(), ("relu", "torch_inplace"): torch.relu_,
-    ("relu6", "functional"): F.relu6, ("relu6", "functional_inplace"): lambda x: F.relu6(x, inplace=True),
+    ("relu", "functional"): F.relu,
+    ("relu", "torch"): torch.relu,
+    ("relu", "method"): lambda x: x.relu(),
+    ("relu", "functional_inplace"): lambda x: F.relu(x, inplace=True),
+    ("relu", "underscore"): F.relu_,
+    ("relu", "method_inplace"): lambda x: x.relu_(),
+    ("relu", "torch_inplace"): torch.relu_,
+    ("relu6", "functional"): F.relu6,
+    ("relu6", "functional_inplace"): lambda x: F.relu6(x, inplace=True),
     ("leaky_relu", "functional"): lambda x: F.leaky_relu(x, 0.1),
     ("leaky_relu", "underscore"): lambda x: F.leaky_relu_(x, 0.1),
     ("hardtanh", "functional"): lambda x: F.hardtanh(x, -1.0, 1.0),
     ("hardtanh", "underscore"): lambda x: F.hardtanh_(x, -1.0, 1.0),
-    ("silu", "functional"): F.silu, ("silu", "functional_inplace"): lambda x: F.silu(x, inplace=True),
+    ("silu", "functional"): F.silu,
+    ("silu", "functional_inplace"): lambda x: F.silu(x, inplace=True),
     ("gelu", "functional"): F.gelu,
     ("hardswish", "functional"): F.hardswish,
     ("hardswish", "functional_inplace"): lambda x: F.hardswish(x, inplace=True),
-    ("mish", "functional"): F.mish, ("mish", "functional_inplace"): lambda x: F.mish(x, inplace=True),
-    ("elu", "functional"): F.elu, ("elu", "underscore"): F.elu_,
-    ("sigmoid", "functional"): F.sigmoid, ("sigmoid", "torch"): torch.sigmoid,
-    ("sigmoid", "method"): lambda x: x.sigmoid(), ("sigmoid", "method_inplace"): lambda x: x.sigmoid_(),
-    ("tanh", "functional"): F.tanh, ("tanh", "torch"): torch.tanh, ("tanh", "method"): lambda x: x.tanh(),
+    ("mish", "functional"): F.mish,
+    ("mish", "functional_inplace"): lambda x: F.mish(x, inplace=True),
+    ("elu", "functional"): F.elu,
+    ("elu", "underscore"): F.elu_,
+    ("sigmoid", "functional"): F.sigmoid,
+    ("sigmoid", "torch"): torch.sigmoid,
+    ("sigmoid", "method"): lambda x: x.sigmoid(),
+    ("sigmoid", "method_inplace"): lambda x: x.sigmoid_(),
+    ("tanh", "functional"): F.tanh,
+    ("tanh", "torch"): torch.tanh,
+    ("tanh", "method"): lambda x: x.tanh(),
     ("tanh", "method_inplace"): lambda x: x.tanh_(),
-    ("xsigmoid", "torch"): lambda x: x * torch.sigmoid(x), ("xsigmoid", "method"): lambda x: x * x.sigmoid(),
+    ("xsigmoid", "torch"): lambda x: x * torch.sigmoid(x),
+    ("xsigmoid", "method"): lambda x: x * x.sigmoid(),
 }
 _INPLACE_MODULES = {"relu", "relu6", "leaky_relu", "hardtanh", "silu", "hardswish", "mish", "elu"}
 
@@ -118,8 +139,16 @@ class DropPath(nn.Module):
 
 
 OP_KINDS = (
-    "identity", "dropout", "dropout_f", "drop_path", "stochastic_depth", "contiguous", "clone",
-    "assert_dim", "assert_ndim", "assert_shape",
+    "identity",
+    "dropout",
+    "dropout_f",
+    "drop_path",
+    "stochastic_depth",
+    "contiguous",
+    "clone",
+    "assert_dim",
+    "assert_ndim",
+    "assert_shape",
 )
 
 
@@ -129,8 +158,12 @@ class OpModule(nn.Module):
     def __init__(self, kind: str, shape: Shape):
         super().__init__()
         self.kind, self.rank, self.channels = kind, len(shape.size) + 2, shape.channels
-        modules = {"identity": nn.Identity, "dropout": lambda: nn.Dropout(0.3), "drop_path": DropPath,
-                   "stochastic_depth": lambda: StochasticDepth(0.2, "row")}
+        modules = {
+            "identity": nn.Identity,
+            "dropout": lambda: nn.Dropout(0.3),
+            "drop_path": DropPath,
+            "stochastic_depth": lambda: StochasticDepth(0.2, "row"),
+        }
         if kind in modules:
             self.fn = modules[kind]()
 
@@ -177,8 +210,14 @@ def _norm(kind: str | None, channels: int, dims: int) -> nn.Module | None:
 def _conv(conv: Conv, shape: Shape) -> nn.Module:
     dims = len(shape.size)
     return _CONV[dims](
-        shape.channels, conv.out, conv.kernel, stride=conv.stride or 1, dilation=conv.dilation or 1,
-        groups=conv.groups, padding=conv.padding or 0, bias=conv.bias,
+        shape.channels,
+        conv.out,
+        conv.kernel,
+        stride=conv.stride or 1,
+        dilation=conv.dilation or 1,
+        groups=conv.groups,
+        padding=conv.padding or 0,
+        bias=conv.bias,
     )
 
 

@@ -155,11 +155,25 @@ def check_conv_specs(graph: FormGraph, plan: fxmerge.Plan, linearized: nn.Module
         module = convs.get(span.id)
         assert module is not None, f"span {span.id} has no merged conv"
         spec = entry.conv
-        got = (module.in_channels, module.out_channels, tuple(module.kernel_size), tuple(module.stride),
-               tuple(module.padding), module.groups)
-        want = (spec.in_channels, spec.out_channels, tuple(spec.kernel_size), tuple(spec.stride),
-                tuple(spec.padding), spec.groups)
-        assert got == want, f"span {entry.id}: merged conv (in, out, kernel, stride, padding, groups) = {got}, promised {want}"
+        got = (
+            module.in_channels,
+            module.out_channels,
+            tuple(module.kernel_size),
+            tuple(module.stride),
+            tuple(module.padding),
+            module.groups,
+        )
+        want = (
+            spec.in_channels,
+            spec.out_channels,
+            tuple(spec.kernel_size),
+            tuple(spec.stride),
+            tuple(spec.padding),
+            spec.groups,
+        )
+        assert got == want, (
+            f"span {entry.id}: merged conv (in, out, kernel, stride, padding, groups) = {got}, promised {want}"
+        )
         count += 1
     return count
 
@@ -197,7 +211,9 @@ def check_onnx(merged: nn.Module, original: nn.Module, inputs: tuple) -> None:
     if error > TOL:  # as ill-conditioned as the network is in fp32 is still agreement
         exact = pytree.tree_leaves(_run(copy.deepcopy(merged).double(), _double(inputs)))
         conditioning = rel([t.double() for t in expected], exact)
-        assert error <= 10 * conditioning, f"ONNX Runtime differs from torch by {error:.3g} (fp32 conditioning {conditioning:.3g})"
+        assert error <= 10 * conditioning, (
+            f"ONNX Runtime differs from torch by {error:.3g} (fp32 conditioning {conditioning:.3g})"
+        )
 
 
 def structure(sg: fxmerge.SpanGraph) -> dict[str, list]:
@@ -222,9 +238,11 @@ def check_same_span_graph(graphs: dict[str, FormGraph]) -> None:
             if got != want:
                 diff = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
                 raise Mismatch(
-                    form, key, f"{form} differs from {forms[0]} in {key} at index {diff}: "
+                    form,
+                    key,
+                    f"{form} differs from {forms[0]} in {key} at index {diff}: "
                     f"{got[diff] if diff < len(got) else '<missing>'} vs {want[diff] if diff < len(want) else '<missing>'}"
-                    f" ({len(got)} vs {len(want)} items)"
+                    f" ({len(got)} vs {len(want)} items)",
                 )
 
 
@@ -273,8 +291,9 @@ class _Checker:
 
     def plan(self, graph: FormGraph, plan: fxmerge.Plan, onnx: bool) -> None:
         form, inputs = graph.form, graph.inputs
-        linear = self.guard(form, "linearize", lambda: fxmerge.linearize(
-            graph.module, inputs, plan, span_graph=graph.span_graph).eval())
+        linear = self.guard(
+            form, "linearize", lambda: fxmerge.linearize(graph.module, inputs, plan, span_graph=graph.span_graph).eval()
+        )
         merged = self.guard(form, "merge", fxmerge.merge, linear)
         self.report.plans += 1
         self.guard(form, "exact", check_exact, linear, merged, inputs)
@@ -284,7 +303,11 @@ class _Checker:
 
 
 def check_network(
-    net: Net, *, forms: tuple[str, ...] = FORMS, plans: int = 2, onnx_forms: tuple[str, ...] = FORMS,
+    net: Net,
+    *,
+    forms: tuple[str, ...] = FORMS,
+    plans: int = 2,
+    onnx_forms: tuple[str, ...] = FORMS,
     known: tuple[Known, ...] = KNOWN,
 ) -> Report:
     """Check every property on ``net``; raises :class:`FuzzFailure` on the first new failure.

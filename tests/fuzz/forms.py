@@ -84,11 +84,13 @@ def merged_convs(linearized: torch.fx.GraphModule, merged: torch.fx.GraphModule)
     """
     pad = torch.ops.fxmerge.span_pad
     begins = [
-        n for n in linearized.graph.nodes
+        n
+        for n in linearized.graph.nodes
         if n.op == "call_function" and (n.target is pad or getattr(n.target, "overloadpacket", None) is pad)
     ]
     numbered = sorted(
-        (int(name.rsplit("_", 1)[1]), module) for name, module in merged.named_children()
+        (int(name.rsplit("_", 1)[1]), module)
+        for name, module in merged.named_children()
         if re.fullmatch(r"fxmerge_merged_\d+", name)
     )
     if len(numbered) != len(begins):

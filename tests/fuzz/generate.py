@@ -45,8 +45,14 @@ from tests.fuzz.spec import (
 )
 
 __all__ = [
-    "ACT_KINDS", "FEATURES", "RandomSource", "ReplaySource", "draw_net", "network_from_choices",
-    "network_from_seed", "networks",
+    "ACT_KINDS",
+    "FEATURES",
+    "RandomSource",
+    "ReplaySource",
+    "draw_net",
+    "network_from_choices",
+    "network_from_seed",
+    "networks",
 ]
 
 T = TypeVar("T")
@@ -56,15 +62,56 @@ Stride = Ints | None  # None: free (outside a region); a tuple: exactly that str
 MAX_CONVS = 12
 MAX_CHANNELS = 16
 MAX_SIZE = 16
-ACT_KINDS = ("relu", "relu6", "leaky_relu", "prelu", "hardtanh", "silu", "gelu", "hardswish", "mish",
-             "elu", "sigmoid", "tanh", "xsigmoid")
-FEATURES = frozenset({
-    "conv1d", "two_inputs", "dict_output", "residual", "branches", "cat", "inverted", "boundary", "op",
-    "pre_act", "dilation", "depthwise", "grouped", "explicit_pad", "same", "side_input", "side_pooled", "iadd",
-    "bn", "scalar", "channel", "gn", "extra", *OP_KINDS, *ACT_KINDS,
-    "maxpool", "avgpool", "upsample", "se", "reshape",
-    *{f"spelling:{s}" for spellings in SPELLINGS.values() for s in spellings},
-})
+ACT_KINDS = (
+    "relu",
+    "relu6",
+    "leaky_relu",
+    "prelu",
+    "hardtanh",
+    "silu",
+    "gelu",
+    "hardswish",
+    "mish",
+    "elu",
+    "sigmoid",
+    "tanh",
+    "xsigmoid",
+)
+FEATURES = frozenset(
+    {
+        "conv1d",
+        "two_inputs",
+        "dict_output",
+        "residual",
+        "branches",
+        "cat",
+        "inverted",
+        "boundary",
+        "op",
+        "pre_act",
+        "dilation",
+        "depthwise",
+        "grouped",
+        "explicit_pad",
+        "same",
+        "side_input",
+        "side_pooled",
+        "iadd",
+        "bn",
+        "scalar",
+        "channel",
+        "gn",
+        "extra",
+        *OP_KINDS,
+        *ACT_KINDS,
+        "maxpool",
+        "avgpool",
+        "upsample",
+        "se",
+        "reshape",
+        *{f"spelling:{s}" for spellings in SPELLINGS.values() for s in spellings},
+    }
+)
 """Names ``exclude`` understands. An ``Extra`` is also known as ``extra:KIND`` and ``extra:KIND@WHERE``."""
 
 
@@ -182,7 +229,12 @@ def _ones(ctx: Ctx) -> tuple[int, ...]:
 
 
 def draw_seq(
-    ctx: Ctx, shape: Shape, count: int, depth: int, stride: Stride = None, out: int | None = None,
+    ctx: Ctx,
+    shape: Shape,
+    count: int,
+    depth: int,
+    stride: Stride = None,
+    out: int | None = None,
 ) -> tuple[tuple[Block, ...], Shape]:
     """``count`` blocks. Inside a region (``stride`` given) one block realises ``stride``,
     every conv is aligned, and the last block is a unit with ``out`` channels."""
@@ -374,13 +426,24 @@ def draw_conv(ctx: Ctx, shape: Shape, stride: Stride, out: int | None) -> Conv:
     padding, pad = draw_padding(ctx, shape.size, kernel, dilation, stride, aligned)
     ones = (1,) * dims
     return Conv(
-        out, kernel, stride if stride != ones else (), dilation if dilation != ones else (), groups,
-        padding, pad, bias=ctx.chance(50),
+        out,
+        kernel,
+        stride if stride != ones else (),
+        dilation if dilation != ones else (),
+        groups,
+        padding,
+        pad,
+        bias=ctx.chance(50),
     )
 
 
 def draw_padding(
-    ctx: Ctx, size: Ints, kernel: Ints, dilation: Ints, stride: Ints, aligned: bool,
+    ctx: Ctx,
+    size: Ints,
+    kernel: Ints,
+    dilation: Ints,
+    stride: Ints,
+    aligned: bool,
 ) -> tuple[Ints | str, Ints]:
     """``(padding, pad)`` for a conv: symmetric ints, ``"same"``, or an explicit ``F.pad``.
 

@@ -85,8 +85,13 @@ def _record(seed: int, net: Net, signature: str, error: str) -> dict:
 
 
 def run_seeds(
-    start: int, count: int, *, exclude: frozenset[str] = EXCLUDE, known: tuple[Known, ...] = KNOWN,
-    shrink_s: float = 120.0, log: Callable[[str], None] = print,
+    start: int,
+    count: int,
+    *,
+    exclude: frozenset[str] = EXCLUDE,
+    known: tuple[Known, ...] = KNOWN,
+    shrink_s: float = 120.0,
+    log: Callable[[str], None] = print,
 ) -> RunResult:
     """Check ``count`` seeded networks from ``start``; record (and shrink) every failure."""
     result = RunResult(start, count)

@@ -48,7 +48,7 @@ class _Shrinker:
         for size in (32, 16, 8, 4, 2, 1):
             i = 0
             while i < len(self.best) and not self.out_of_time():
-                if self.attempt(self.best[:i] + self.best[i + size:]):
+                if self.attempt(self.best[:i] + self.best[i + size :]):
                     improved = True
                 else:
                     i += size
@@ -60,7 +60,7 @@ class _Shrinker:
         while i < len(self.best) and not self.out_of_time():
             value = self.best[i]
             for lower in sorted({0, value // 2, value - 1}):
-                if 0 <= lower < value and self.attempt(self.best[:i] + [lower] + self.best[i + 1:]):
+                if 0 <= lower < value and self.attempt(self.best[:i] + [lower] + self.best[i + 1 :]):
                     improved = True
                     break
             i += 1
@@ -68,7 +68,11 @@ class _Shrinker:
 
 
 def shrink(
-    choices: Sequence[int], fails: Callable[[Net], bool], exclude: frozenset[str] = frozenset(), *, budget_s: float = 120.0,
+    choices: Sequence[int],
+    fails: Callable[[Net], bool],
+    exclude: frozenset[str] = frozenset(),
+    *,
+    budget_s: float = 120.0,
 ) -> tuple[Net, list[int]]:
     """The smallest network found (and its choices) for which ``fails`` still holds.
 

@@ -25,8 +25,22 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
-    "Act", "Block", "Boundary", "Branches", "Conv", "Extra", "Net", "Op", "Residual", "Shape",
-    "Unit", "block_out", "conv_out", "count_convs", "seq_out", "to_source",
+    "Act",
+    "Block",
+    "Boundary",
+    "Branches",
+    "Conv",
+    "Extra",
+    "Net",
+    "Op",
+    "Residual",
+    "Shape",
+    "Unit",
+    "block_out",
+    "conv_out",
+    "count_convs",
+    "seq_out",
+    "to_source",
 ]
 
 

@@ -96,8 +96,9 @@ SHARED_IDENTITY_NO_MARGIN = Net(
 
 def test_merged_graph_keeps_a_span_pad_read_through_a_shared_identity():
     """FINDINGS.md #2 with a zero margin (fixed): merge left fxmerge::span_pad in the graph, so no ONNX export."""
-    _, merged = merge_plan(SHARED_IDENTITY_NO_MARGIN, (
-        "src:x->blocks.0.conv|keep", "src:blocks.0.norm->blocks.2.body.blocks.1.conv|keep"))
+    _, merged = merge_plan(
+        SHARED_IDENTITY_NO_MARGIN, ("src:x->blocks.0.conv|keep", "src:blocks.0.norm->blocks.2.body.blocks.1.conv|keep")
+    )
     assert fxmerge_ops_left(merged) == []
 
 
@@ -112,8 +113,11 @@ def test_channel_affine_parameter_is_a_source_position():
 @pytest.mark.parametrize("form", FORMS)
 def test_per_channel_affine_inside_a_span_merges(form):
     """Found by the fuzzer (FINDINGS.md #9, fixed): a per-channel affine inside a span must merge."""
-    net = Net(blocks=(Unit(Conv(2, (1, 1)), norm="channel", act=None), Unit(Conv(2, (1, 1)), norm=None, act=None)),
-              channels=2, size=(4, 4))
+    net = Net(
+        blocks=(Unit(Conv(2, (1, 1)), norm="channel", act=None), Unit(Conv(2, (1, 1)), norm=None, act=None)),
+        channels=2,
+        size=(4, 4),
+    )
     merge_plan(net, ("src:x->blocks.1.conv|keep",), form)
 
 
@@ -171,8 +175,11 @@ IN_PLACE_ADD = Net(
 @pytest.mark.parametrize("form", FORMS)
 def test_pruning_makes_an_in_place_add_write_into_the_span_input(form):
     """Found by the fuzzer (FINDINGS.md #6, fixed): `a += b` in the dynamo / export graph wrote into the span input."""
-    merge_plan(IN_PLACE_ADD, (
-        "src:x->add:blocks.0|prune:blocks.0.body.blocks.0.conv+blocks.0.body.blocks.1.body.blocks.0.conv",), form)
+    merge_plan(
+        IN_PLACE_ADD,
+        ("src:x->add:blocks.0|prune:blocks.0.body.blocks.0.conv+blocks.0.body.blocks.1.body.blocks.0.conv",),
+        form,
+    )
 
 
 def _unit1() -> Unit:
@@ -210,19 +217,25 @@ def _conv3(out: int = 8) -> Conv:
 IDENTITY_AFTER_ACT = Net(blocks=(Unit(_conv3()), Unit(_conv3(), extras=(Extra("identity"),)), Unit(_conv3())))
 
 
-@pytest.mark.parametrize("entries", [
-    ("src:x->blocks.1.conv|keep", "blocks.1.conv->blocks.2.conv|keep"),
-    ("src:x->blocks.1.conv|prune:blocks.1.conv", "blocks.1.conv->blocks.2.conv|keep"),
-], ids=["keep", "prune-last"])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        ("src:x->blocks.1.conv|keep", "blocks.1.conv->blocks.2.conv|keep"),
+        ("src:x->blocks.1.conv|prune:blocks.1.conv", "blocks.1.conv->blocks.2.conv|keep"),
+    ],
+    ids=["keep", "prune-last"],
+)
 def test_identity_after_the_activation_that_ends_a_span(entries):
     """timm's anti-aliasing / attention ``nn.Identity`` after the act: the span's end is the act's input."""
     merge_plan(IDENTITY_AFTER_ACT, entries)
 
 
-NDIM_ASSERT = Net(blocks=(
-    Unit(_conv3(), extras=(Extra("assert_ndim", where="conv"),)),
-    Unit(_conv3(), extras=(Extra("assert_dim", where="conv"),)),
-))
+NDIM_ASSERT = Net(
+    blocks=(
+        Unit(_conv3(), extras=(Extra("assert_ndim", where="conv"),)),
+        Unit(_conv3(), extras=(Extra("assert_dim", where="conv"),)),
+    )
+)
 
 
 def test_shape_asserts_on_a_conv_output_do_not_split_the_unit():
