@@ -253,6 +253,22 @@ def side_producer(side: torch.fx.Node, gm: torch.fx.GraphModule) -> tuple[Linear
         node = source
 
 
+def _whole_slice(node: torch.fx.Node) -> bool:
+    """``aten.slice`` over a whole dimension (``x[:, :, None]`` exported with a dynamic batch keeps it).
+
+    Its recorded output shape equals its input's; on the batch dimension, only an
+    open-ended slice is whole at every batch size.
+    """
+    if not (node.op == "call_function" and node.target is aten.slice.Tensor):
+        return False
+    source = node.args[0] if node.args else None
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
+    shape = shape_of(node)
+    whole = isinstance(source, torch.fx.Node) and shape is not None and shape == shape_of(source)
+    open_ended = end is None or (isinstance(end, int) and end >= 2**31)
+    return whole and start in (0, None) and step in (1, None) and (dim != 0 or open_ended)
+
+
 def _adds_singletons(node: torch.fx.Node, source: torch.fx.Node) -> bool:
     """A view-like op whose output is its input's shape followed by singleton dims."""
     view = (node.op == "call_function" and node.target in _VIEW_FUNCTIONS) or (
@@ -260,6 +276,7 @@ def _adds_singletons(node: torch.fx.Node, source: torch.fx.Node) -> bool:
     )
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
         view = all(i is None or i is Ellipsis or i == slice(None) for i in node.args[1])
+    view = view or _whole_slice(node)
     before, after = shape_of(source), shape_of(node)
     if not view or before is None or after is None or len(after) < len(before):
         return False

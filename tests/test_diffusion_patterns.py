@@ -207,11 +207,22 @@ def test_three_graph_forms_agree_on_a_time_embedding_block(shortcut):
             assert found[key] == value, f"{form} differs in {key}"
 
 
-@pytest.mark.parametrize("form", ["fx", "export"])
+def _exported(model, inputs, form):
+    """The model as fx traces it, or exported (static, or with a dynamic batch as capture does it)."""
+    if form == "fx":
+        return model
+    if form == "export":
+        return torch.export.export(model, inputs).module()
+    doubled = tuple(torch.cat([t, t]) for t in inputs)  # the exporter specialises a batch of 1
+    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+    return torch.export.export(model, doubled, dynamic_shapes=dynamic).module()
+
+
+@pytest.mark.parametrize("form", ["fx", "export", "export-dynamic-batch"])
 def test_a_side_bias_merges_exactly_and_folds_into_its_linear(form):
     torch.manual_seed(0)
     model, inputs = TimeBlock(cout=12).eval(), block_inputs()
-    subject = torch.export.export(model, inputs).module() if form == "export" else model
+    subject = _exported(model, inputs, form)
     graph = fxmerge.analyze(subject, inputs)
     merged = merges_exactly(subject, inputs, graph, only(graph, BLOCK))
     sides = {n: m for n, m in merged.named_modules() if n.startswith("fxmerge_side")}
