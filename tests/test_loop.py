@@ -130,27 +130,27 @@ def test_a_plan_within_tolerance_only_by_less_than_its_uncertainty_is_measured_a
     assert lone.met and lone.kept.ratio == pytest.approx(0.585)
 
 
-def test_a_budget_that_gives_back_a_measured_plan_is_pushed_on_until_a_new_plan_comes():
-    # importance is flat: any budget below 58 ms gives the 50 ms plan, which measures 10.7% fast
+def two_plans(above: float):
+    """A solver with flat importance: any budget below 58 ms gives the 50 ms plan, else the ``above`` ms plan."""
+
     def solve_at(budget: float) -> Plan:
-        p = 50.0 if budget < 58.0 else 57.0
+        p = 50.0 if budget < 58.0 else above
         return Plan(model="fake", fingerprint="f", rules="general", entries=(f"e{p:g}",),
                     info=(("objective", p), ("predicted_ms", p)))  # fmt: skip
 
     measure, calls = measuring(lambda p: p)
     outcome = meet_target(solve_at, measure, Target(ratio=0.56), first_budget_ms=56.0, budget_range=(10.0, 150.0))
+    return outcome, calls
+
+
+def test_a_budget_that_gives_back_a_measured_plan_is_pushed_on_until_a_new_plan_comes():
+    outcome, calls = two_plans(57.0)  # the 50 ms plan measures 10.7% fast; budgets up to 58 ms give it back
     assert calls == [50.0, 57.0], "each plan measured once"
     assert outcome.met and outcome.kept.ratio == pytest.approx(0.57)
 
 
 def test_pushing_stops_at_a_measured_plan_on_the_other_side_of_the_target():
-    def solve_at(budget: float) -> Plan:
-        p = 50.0 if budget < 58.0 else 62.0
-        return Plan(model="fake", fingerprint="f", rules="general", entries=(f"e{p:g}",),
-                    info=(("objective", p), ("predicted_ms", p)))  # fmt: skip
-
-    measure, calls = measuring(lambda p: p)
-    outcome = meet_target(solve_at, measure, Target(ratio=0.56), first_budget_ms=56.0, budget_range=(10.0, 150.0))
+    outcome, calls = two_plans(62.0)
     assert calls == [50.0, 62.0] and not outcome.met
     assert outcome.kept.ratio == pytest.approx(0.5)  # faster than asked, never slower
     assert "differ by more than the tolerance" in outcome.why
