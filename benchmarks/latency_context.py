@@ -29,15 +29,16 @@ import common
 import torch
 
 import fxmerge
-from fxmerge.api import _context_corrected, _solve_at, analyze_captured
+from fxmerge.api import analyze_captured
 from fxmerge.capture import capture
 from fxmerge.importance import build_importance_table
 from fxmerge.latency import build_latency_table, calibrate, get_backend
 from fxmerge.latency.compare import Comparator
+from fxmerge.latency.table import context_corrected
 from fxmerge.loop import Measured
 from fxmerge.passes.linearize import linearize
 from fxmerge.plan import Plan
-from fxmerge.solver import plan_latency
+from fxmerge.solver import plan_latency, solve_reaching_floor
 
 CONFIGS = ["resnet18@64", "mobilenet_v2@224"]
 
@@ -56,8 +57,7 @@ def parse(argv=None) -> argparse.Namespace:
 def plans_of(span_graph, table, scores, random_plans: int) -> list[tuple[str, Plan]]:
     original = float(table.original_ms)
     plans = [
-        (f"solver {p:.0%}", _solve_at(span_graph, table, scores, p * original, "layermerge", 2000))
-        for p in (0.7, 0.6, 0.5)
+        (f"solver {p:.0%}", solve_reaching_floor(span_graph, table, scores, p * original)) for p in (0.7, 0.6, 0.5)
     ]
     plans += [(f"random {k}", Plan.random(span_graph, seed=k)) for k in range(random_plans)]
     return plans
@@ -109,7 +109,7 @@ def analyse(config: str, args) -> dict:
         row["measured_saving_ms"] = (1 - row["measured_ratio"]) * original
         row["beta_ms"] = (row["measured_saving_ms"] - row["table_saving_ms"]) / removed if removed else None
     fit = next(r for r in rows if r["plan"] == "solver 70%")
-    corrected = _context_corrected(table, span_graph, Plan.from_entries(span_graph, fit["entries"]), fit["measured"])
+    corrected = context_corrected(table, Plan.keep_all(span_graph).entries, fit["entries"], fit["measured"].ratio)
     for row in rows:
         row["corrected_ratio"] = plan_latency(Plan.from_entries(span_graph, row["entries"]), corrected) / original
         del row["measured"]

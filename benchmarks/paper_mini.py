@@ -23,7 +23,9 @@ measured speed-up, one line per method) and prints a markdown table for RESULTS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import random
 import statistics
 import sys
@@ -61,13 +63,14 @@ class Settings:
     targets: dict[str, tuple[str, ...]]  # per model
     seeds: tuple[int, ...]  # fine-tuning seeds
     finetune_samples: int  # the fine-tuning budget: one epoch over this many training samples
-    finetune_lr: float = 0.002  # chosen in a pilot on the validation split (RESULTS.md); 0.02 diverges on pruned nets
+    finetune_lr: float = 0.002  # chosen by paper_mini_pilot.py on the validation split (RESULTS.md)
     finetune_batch: int = 64
     holdout_batch: int = 32  # importance: one epoch over holdout-train at this batch size
     importance_lr: float = 0.02
     max_kernel: int = 7
     rules: str = "general"
     data_seed: int = 0
+    train_threads: int = os.cpu_count() or 1  # torch threads while fine-tuning (the timing uses --threads)
 
 
 FULL = Settings(
@@ -222,6 +225,17 @@ def finetune_batches(data, settings: Settings, seed: int) -> list:
     return [(models.augment(x, generator), y) for x, y in models.batches(images, labels, settings.finetune_batch)]
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Torch runs on ``count`` threads inside the block (fine-tuning), and as before after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def finetune_seeds(result, teacher, data, settings: Settings) -> tuple[list[float], object, float]:
     """Fine-tune a copy of ``result.model`` per seed, merge, test; (accuracies, seed-0 merged model, worst error)."""
     accuracies, first, worst = [], None, 0.0
@@ -229,14 +243,15 @@ def finetune_seeds(result, teacher, data, settings: Settings) -> tuple[list[floa
         torch.manual_seed(seed)
         random.seed(seed)
         linear = copy.deepcopy(result.model)
-        finetune(
-            linear,
-            finetune_batches(data, settings, seed),
-            epochs=1,
-            lr=settings.finetune_lr,
-            teacher=teacher,
-            progress=False,
-        )
+        with torch_threads(settings.train_threads):
+            finetune(
+                linear,
+                finetune_batches(data, settings, seed),
+                epochs=1,
+                lr=settings.finetune_lr,
+                teacher=teacher,
+                progress=False,
+            )
         merged = fxmerge.merge(linear.eval(), result.plan)
         worst = max(worst, common.relative_difference(linear, merged, data.images["test"][:64]))
         accuracies.append(models.accuracy(merged, data.images["test"], data.labels["test"]))

@@ -30,7 +30,7 @@ from fxmerge.passes.rules import default_max_kernel, default_max_units, paper_ru
 from fxmerge.passes.spans import span_graph as build_span_graph
 from fxmerge.plan import Plan
 from fxmerge.report import ChosenSpan, Report
-from fxmerge.solver import InfeasibleBudget
+from fxmerge.solver import InfeasibleBudget, solve_reaching_floor
 
 RULES = ("general", "paper")
 
@@ -217,7 +217,8 @@ def compress(
     fed by ``data``; further keywords are its options. With ``closed_loop`` (default)
     each solved plan is merged and timed against the original, and the budget corrected
     until the measured ratio is within ``tolerance`` of the target (at most
-    ``max_rounds`` solves; ``fxmerge.loop``). Fine-tune ``result.model``, then ``result.merge()``.
+    ``max_rounds`` solves; ``fxmerge.loop``). ``cache_dir``: where both tables are cached
+    (default: fxmerge's cache directory; ``False``: none). Fine-tune ``result.model``, then merge.
     """
     from fxmerge.importance import build_importance_table
     from fxmerge.latency import get_backend
@@ -275,11 +276,12 @@ def _choose_plan(
 ) -> _Choice:
     """Solve for the target; with the loop on, measure, correct the table and the budget, solve again.
 
-    The first measured plan also corrects the table itself (:func:`_context_corrected`):
+    The first measured plan also corrects the table itself (:func:`~fxmerge.latency.table.context_corrected`):
     with two models measured end to end (the original and that plan), the cost each
     conv adds inside a model beyond its entry is known, and every later solve uses it.
     """
     from fxmerge.latency.compare import Comparator
+    from fxmerge.latency.table import context_corrected
 
     first = target.ratio * table.original_ms if target.ratio is not None else target.ms
     if not loop.enabled:  # the table is trusted: a target below its fastest plan is infeasible
@@ -293,12 +295,12 @@ def _choose_plan(
         result = comparator.compare(merged)
         return Measured(result.reference_ms, result.candidate_ms, result.ratio, result.rel_error)
 
-    opening = _solve_at(span_graph, table, scores, first, method, bins)
+    opening = solve_reaching_floor(span_graph, table, scores, first, method=method, bins=bins)
     measured = measure(opening)
     if abs(target.error(measured)) > loop.tolerance:
-        table = _context_corrected(table, span_graph, opening, measured)
+        table = context_corrected(table, Plan.keep_all(span_graph).entries, opening.entries, measured.ratio)
     outcome = meet_target(
-        lambda budget: _solve_at(span_graph, table, scores, budget, method, bins),
+        lambda budget: solve_reaching_floor(span_graph, table, scores, budget, method=method, bins=bins),
         measure,
         target,
         first_budget_ms=first,
@@ -313,17 +315,6 @@ def _choose_plan(
     return _Choice(outcome.plan, outcome, table)
 
 
-def _solve_at(span_graph, table, scores, budget: float, method: str, bins: int) -> Plan:
-    from fxmerge.solver import solve
-
-    try:
-        return solve(span_graph, table, scores, budget, method=method, bins=bins)
-    except InfeasibleBudget as exc:  # at the floor, rounding to bins can exclude the fastest plan
-        if exc.suggested_ms is None or exc.suggested_ms <= budget:
-            raise
-        return solve(span_graph, table, scores, exc.suggested_ms, method=method, bins=bins)
-
-
 def _budget_range(span_graph, table, method: str, first: float) -> tuple[float, float]:
     from fxmerge.solver import min_latency
 
@@ -336,35 +327,6 @@ def _repriced(plan: Plan, table) -> Plan:
 
     info = {**dict(plan.info), "predicted_ms": plan_latency(plan, table)}
     return replace(plan, info=tuple(sorted(info.items())))
-
-
-def _context_corrected(table, span_graph: SpanGraph, plan: Plan, measured: Measured):
-    """The table with the per-conv cost inside a model fitted from two end-to-end measurements.
-
-    Keep-all (``n₀`` convs, entries summing to ``Σ₀``) measures ``t₀``; ``plan`` (``n₁``,
-    ``Σ₁``) measures ``t₁`` in the same interleaved rounds. With a cost ``β`` per conv
-    beyond its entry, ``t₀ − t₁ = (Σ₀ − Σ₁) + (n₀ − n₁)·β``, so
-    ``β = ((t₀ − t₁) − (Σ₀ − Σ₁)) / (n₀ − n₁)``. The offset is re-fitted so keep-all still
-    predicts the original.
-    """
-    from fxmerge.latency.table import with_context_cost
-
-    keep_all = Plan.keep_all(span_graph).entries
-    removed = len(keep_all) - len(plan.entries)
-    if removed == 0:
-        return table
-    original_ms = float(table.original_ms)
-    saved_measured = (1.0 - measured.ratio) * original_ms
-    saved_entries = sum(table.entries[e] for e in keep_all) - sum(table.entries[e] for e in plan.entries)
-    beta = (saved_measured - saved_entries) / removed
-    evidence = {
-        "plan_convs": len(plan.entries),
-        "keep_all_convs": len(keep_all),
-        "measured_ratio": measured.ratio,
-        "entries_saved_ms": saved_entries,
-        "measured_saved_ms": saved_measured,
-    }
-    return with_context_cost(table, beta, keep_all, evidence)
 
 
 def _unreachable(outcome: LoopOutcome, target: Target, timer) -> TargetUnreachable:
@@ -433,7 +395,8 @@ def _unchanged(captured, span_graph, table, target: Target, timer, watch, notes,
 
 
 def _subdir(cache_dir, kind: str):
-    return None if cache_dir is None else Path(cache_dir) / kind
+    """Where a table of ``kind`` is cached: ``None`` (the default place) and ``False`` (no cache) pass through."""
+    return cache_dir if cache_dir is None or cache_dir is False else Path(cache_dir) / kind
 
 
 def _report(span_graph, choice: _Choice, scores, method, target: Target, stages, notes, timer) -> Report:

@@ -167,6 +167,29 @@ def solve(
     return Plan.from_entries(span_graph, chosen, method=method, info=info)
 
 
+def solve_reaching_floor(
+    span_graph: SpanGraph,
+    latency_table,
+    importance_table,
+    budget_ms: float,
+    *,
+    method: str = "layermerge",
+    bins: int = 2000,
+) -> Plan:
+    """:func:`solve`, except that a budget at the fastest plan's latency returns that plan.
+
+    Rounding entry latencies up to bins can make the fastest plan cost a bin more than
+    its exact latency; when ``budget_ms`` is there, the budget the infeasibility
+    suggests (the smallest that admits the fastest plan after rounding) is used instead.
+    """
+    try:
+        return solve(span_graph, latency_table, importance_table, budget_ms, method=method, bins=bins)
+    except InfeasibleBudget as exc:
+        if exc.suggested_ms is None or exc.suggested_ms <= budget_ms:
+            raise
+        return solve(span_graph, latency_table, importance_table, exc.suggested_ms, method=method, bins=bins)
+
+
 def min_latency(span_graph: SpanGraph, latency_table, method: str = "layermerge") -> float:
     """The smallest predicted latency (entries plus offset, in ms) a plan of ``method`` can have."""
     programs = _compile(span_graph, method)

@@ -29,6 +29,9 @@ from fxmerge.importance import (
     reusable_nodes,
     single_entry_plan,
 )
+from fxmerge.importance.data import Batch
+from fxmerge.importance.distortion import Distortion
+from fxmerge.importance.replay import stack_batches
 from fxmerge.ops import SPAN_END, is_marker
 from fxmerge.passes.linearize import linearize
 from fxmerge.plan import Plan
@@ -255,6 +258,42 @@ def test_reusable_nodes_stop_at_the_span(digits):
     names = reusable_nodes(gm, base)
     assert {"stem_0", "stem_1", "stem_2"} <= names
     assert not names & {"conv1_0", "conv1_1", "conv2_0", "add", "down_0", "fc"}
+
+
+def test_stacked_calibration_batches_give_the_table_of_separate_batches(digits, monkeypatch):
+    captured, sg = digits["captured"], digits["sg"]
+    some = evaluated_entries(sg)[:6]
+    data = [digits["inputs"][0][i : i + 4] for i in range(0, 12, 4)]
+    stacked = build_importance_table(captured, sg, "distortion", data=data, entries=some, **QUIET)
+    assert stacked.info["stacked_batches"] is True
+    monkeypatch.setattr(Distortion, "stacks_batches", False)
+    apart = build_importance_table(captured, sg, "distortion", data=data, entries=some, **QUIET)
+    assert apart.info["stacked_batches"] is False
+    for entry_id in some:
+        assert stacked.delta(entry_id) == pytest.approx(apart.delta(entry_id), rel=1e-4, abs=1e-9)
+    assert any(stacked.delta(e) < -1e-6 for e in some)  # the comparison is not between zeros
+
+
+class MixesSamples(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+class BakedBatch(nn.Module):
+    def forward(self, x):
+        return x.reshape(2, -1).sum(1)
+
+
+@pytest.mark.parametrize("module", [MixesSamples(), BakedBatch()], ids=["mixes-samples", "baked-batch"])
+def test_batches_stay_apart_when_stacking_would_change_the_outputs(module):
+    gm = torch.fx.symbolic_trace(module)
+    batches = [Batch((torch.randn(2, 3),), None) for _ in range(3)]
+    assert stack_batches(gm, batches) is batches
+    independent = torch.fx.symbolic_trace(nn.ReLU())
+    (one,) = stack_batches(independent, batches)
+    assert one.inputs[0].shape == (6, 3)
+    labelled = [Batch((torch.randn(2, 3),), torch.zeros(2)) for _ in range(3)]
+    assert stack_batches(independent, labelled) is labelled
 
 
 # ------------------------------------------------------------------ loss, accuracy, callable

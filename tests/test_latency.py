@@ -32,6 +32,7 @@ from fxmerge.latency import (
 )
 from fxmerge.latency.backends import export_onnx
 from fxmerge.latency.conv import null_spec
+from fxmerge.latency.table import context_corrected
 
 QUICK = {"threads": 1, "runs": 5, "warmup": 2}
 
@@ -390,6 +391,26 @@ def test_predict_and_json_round_trip(tmp_path) -> None:
     loaded = LatencyTable.load(path)
     assert loaded == table
     assert LatencyTable.from_dict(table.to_dict()) == table
+
+
+def test_context_correction_fits_the_measured_plan_and_keeps_the_original() -> None:
+    # keep-all: a|o0 + b|o0 + c|o0 = 6 ms of entries, 10 ms measured; the plan a|o0 + b|o1 (one conv fewer)
+    # saves 1 ms of entries but measures 0.6 × 10 = 6 ms, 4 ms saved: the conv it removes cost β = 3 ms more
+    table = LatencyTable(
+        backend="fake",
+        device_name="cpu",
+        entries={"a|o0": 1.0, "b|o0": 2.0, "c|o0": 3.0, "b|o1": 4.0},
+        offset_ms=4.0,
+        original_ms=10.0,
+    )
+    keep_all, plan = ("a|o0", "b|o0", "c|o0"), ("a|o0", "b|o1")
+    corrected = context_corrected(table, keep_all, plan, measured_ratio=0.6)
+    assert corrected.info["context_cost"]["per_entry_ms"] == pytest.approx(3.0)
+    assert corrected.predict(keep_all) == pytest.approx(10.0)
+    assert corrected.predict(plan) == pytest.approx(6.0)
+    assert context_corrected(table, keep_all, ("a|o0", "b|o0", "c|o0"), measured_ratio=0.9) is table
+    with pytest.raises(ValueError, match="calibrate"):
+        context_corrected(dataclasses.replace(table, original_ms=None), keep_all, plan, measured_ratio=0.6)
 
 
 def test_calibrate_makes_keep_all_predict_the_original(tmp_path) -> None:

@@ -5,7 +5,9 @@ the entry's output on calibration inputs: ``KL(softmax(orig) ‖ softmax(entry))
 (mean over samples) for 2-D outputs (classifier logits), relative squared error
 ``‖entry − orig‖² / ‖orig‖²`` for any other tensor; a tuple or dict output sums the
 divergences of its floating tensors. The original's outputs come from the recorded
-run (:mod:`fxmerge.importance.replay`), so its reference is 0.
+run (:mod:`fxmerge.importance.replay`), so its reference is 0. Both divergences
+are sums over samples, so the calibration batches are run as one stacked batch when
+the network treats samples independently (:func:`~fxmerge.importance.replay.stack_batches`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Divergence:
 
 class Distortion(RecordedEstimator):
     label = "distortion"
+    stacks_batches = True  # KL and squared error are sums over samples
 
     def __init__(self, captured: Captured, span_graph: SpanGraph, options: Mapping, data: Data) -> None:
         super().__init__(captured, span_graph, options, data)

@@ -15,7 +15,12 @@ node may write in place.
 :class:`RecordedEstimator` is the base of the estimators that only evaluate
 (``distortion`` and ``loss``): it records each batch in ``prepare`` (within a memory
 budget, ``cache_mb``; batches beyond it run a full forward) and yields the reference
-and entry outputs of every batch.
+and entry outputs of every batch. An estimator whose measure is a sum over samples
+(``distortion``) sets ``stacks_batches``: its unlabelled batches of one shape are then
+concatenated into a single batch when the original network gives the same outputs
+for it as for the batches one by one (:func:`stack_batches`: the network treats
+samples independently, as an eval-mode CNN does), so each entry runs one larger
+forward instead of several small ones.
 """
 
 from __future__ import annotations
@@ -176,6 +181,7 @@ class RecordedEstimator(Estimator):
     """Distortion and loss: each batch's original run is recorded once and replayed per entry."""
 
     shares_parameters = True
+    stacks_batches = False
 
     def __init__(self, captured: Captured, span_graph: SpanGraph, options: Mapping, data: Data) -> None:
         super().__init__(captured, span_graph, options)
@@ -185,6 +191,7 @@ class RecordedEstimator(Estimator):
         self.records: list[tuple[Batch, Any, dict | None]] | None = None
         self.recorded_batches = 0
         self.reused = self.nodes = 0
+        self.stacked = False
 
     def cost(self, entry: Entry) -> float:
         """Only the span and what follows it is computed: the prefix is replayed."""
@@ -196,8 +203,12 @@ class RecordedEstimator(Estimator):
         budget = float(self.options["cache_mb"]) * 2**20
         used = 0.0
         self.records = []
+        batches = self.data.batches
+        if self.stacks_batches:
+            batches = stack_batches(self.base, batches)
+        self.stacked = len(batches) < len(self.data.batches)
         with torch.no_grad():
-            for batch in self.data.batches:
+            for batch in batches:
                 values = None
                 if self.options["reuse"] and used < budget:
                     recorder = Recorder(self.base)
@@ -233,5 +244,65 @@ class RecordedEstimator(Estimator):
             return {}
         return {
             "recorded_batches": self.recorded_batches,
+            "stacked_batches": self.stacked,
             "reused_nodes": self.reused / self.nodes if self.nodes else 0.0,
         }
+
+
+# --------------------------------------------------------------------------- one batch instead of several
+def stack_batches(base: torch.fx.GraphModule, batches: list[Batch], rtol: float = 1e-5) -> list[Batch]:
+    """``batches`` concatenated into one along dimension 0, when that computes the same outputs.
+
+    Only unlabelled batches whose inputs are all tensors of one shape beyond dimension 0
+    are stacked, and only when the original network's output for the stack is the
+    concatenation of its outputs for the batches (relative difference ≤ ``rtol`` per
+    output tensor); otherwise, or when the stacked forward fails (a graph that baked
+    the batch size), the batches come back unchanged.
+    """
+    if len(batches) < 2 or not _stackable(batches):
+        return batches
+    inputs = tuple(torch.cat(parts) for parts in zip(*(b.inputs for b in batches)))
+    with torch.no_grad():
+        try:
+            together = base(*inputs)
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return batches
+        apart = [base(*b.inputs) for b in batches]
+    if not _same_outputs(together, apart, rtol):
+        return batches
+    return [Batch(inputs, None, inputs[0] if len(inputs) == 1 else inputs)]
+
+
+def _stackable(batches: list[Batch]) -> bool:
+    first = batches[0].inputs
+    for batch in batches:
+        if batch.label is not None or len(batch.inputs) != len(first):
+            return False
+        for value, reference in zip(batch.inputs, first):
+            if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[1:] != reference.shape[1:]:
+                return False
+            if value.dtype != reference.dtype or value.device != reference.device:
+                return False
+    return True
+
+
+def _same_outputs(together: Any, apart: list[Any], rtol: float) -> bool:
+    leaves = [tree_leaves(out) for out in apart]
+    joined = tree_leaves(together)
+    if any(len(parts) != len(joined) for parts in leaves):
+        return False
+    for k, value in enumerate(joined):
+        parts = [part[k] for part in leaves]
+        if not isinstance(value, Tensor):
+            if any(part != value for part in parts):
+                return False
+            continue
+        if not all(isinstance(p, Tensor) for p in parts) or value.dim() == 0:
+            return False
+        expected = torch.cat(parts)
+        if expected.shape != value.shape:
+            return False
+        scale = float(expected.double().norm())
+        if float((value.double() - expected.double()).norm()) > rtol * max(scale, 1e-30):
+            return False
+    return True

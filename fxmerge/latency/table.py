@@ -398,7 +398,7 @@ def with_context_cost(
     (dispatch, a kernel launch, memory traffic the standalone-overhead subtraction also
     removed) is paid once per conv that stays, so a plan with fewer convs saves more than
     its entries say. ``per_entry_ms`` is that cost as measured end to end (the two-point
-    fit in ``fxmerge.api``); it may be negative where entries timed alone run slower than
+    fit of :func:`context_corrected`); it may be negative where entries timed alone run slower than
     inside a model. No entry drops below 1% of its measured value.
     """
     keep_all = list(keep_all_entry_ids)
@@ -408,3 +408,33 @@ def with_context_cost(
     offset = table.original_ms - sum(entries[e] for e in keep_all)
     info = {**table.info, "context_cost": {"per_entry_ms": per_entry_ms, **evidence}}
     return dataclasses.replace(table, entries=entries, offset_ms=offset, info=info)
+
+
+def context_corrected(
+    table: LatencyTable, keep_all_entry_ids: Iterable[str], plan_entry_ids: Iterable[str], measured_ratio: float
+) -> LatencyTable:
+    """``table`` with the per-conv cost inside a model fitted from two end-to-end measurements.
+
+    Keep-all (``n₀`` entries summing to ``Σ₀``) measures ``t₀``; a plan (``n₁``, ``Σ₁``)
+    measures ``t₁ = measured_ratio · t₀`` in the same interleaved rounds. With a cost ``β``
+    per conv beyond its entry, ``t₀ − t₁ = (Σ₀ − Σ₁) + (n₀ − n₁)·β``, so
+    ``β = ((t₀ − t₁) − (Σ₀ − Σ₁)) / (n₀ − n₁)`` (:func:`with_context_cost` applies it).
+    A plan with as many entries as keep-all says nothing about ``β``: ``table`` comes back.
+    """
+    keep_all, plan = list(keep_all_entry_ids), list(plan_entry_ids)
+    removed = len(keep_all) - len(plan)
+    if removed == 0:
+        return table
+    if table.original_ms is None:
+        raise ValueError("context_corrected needs a calibrated table (original_ms known): call calibrate first")
+    original_ms = float(table.original_ms)
+    saved_measured = (1.0 - measured_ratio) * original_ms
+    saved_entries = sum(table.entries[e] for e in keep_all) - sum(table.entries[e] for e in plan)
+    evidence = {
+        "plan_convs": len(plan),
+        "keep_all_convs": len(keep_all),
+        "measured_ratio": measured_ratio,
+        "entries_saved_ms": saved_entries,
+        "measured_saved_ms": saved_measured,
+    }
+    return with_context_cost(table, (saved_measured - saved_entries) / removed, keep_all, evidence)
