@@ -38,7 +38,7 @@ from fxmerge.latency.table import context_corrected
 from fxmerge.loop import Measured
 from fxmerge.passes.linearize import linearize
 from fxmerge.plan import Plan
-from fxmerge.solver import plan_latency, solve_reaching_floor
+from fxmerge.solver import plan_latency, solve_down_to_fastest
 
 CONFIGS = ["resnet18@64", "mobilenet_v2@224"]
 
@@ -57,7 +57,7 @@ def parse(argv=None) -> argparse.Namespace:
 def plans_of(span_graph, table, scores, random_plans: int) -> list[tuple[str, Plan]]:
     original = float(table.original_ms)
     plans = [
-        (f"solver {p:.0%}", solve_reaching_floor(span_graph, table, scores, p * original)) for p in (0.7, 0.6, 0.5)
+        (f"solver {p:.0%}", solve_down_to_fastest(span_graph, table, scores, p * original)) for p in (0.7, 0.6, 0.5)
     ]
     plans += [(f"random {k}", Plan.random(span_graph, seed=k)) for k in range(random_plans)]
     return plans

@@ -30,7 +30,7 @@ from fxmerge.passes.rules import default_max_kernel, default_max_units, paper_ru
 from fxmerge.passes.spans import span_graph as build_span_graph
 from fxmerge.plan import Plan
 from fxmerge.report import ChosenSpan, Report
-from fxmerge.solver import InfeasibleBudget, solve_reaching_floor
+from fxmerge.solver import InfeasibleBudget, solve_down_to_fastest
 
 RULES = ("general", "paper")
 
@@ -295,12 +295,12 @@ def _choose_plan(
         result = comparator.compare(merged)
         return Measured(result.reference_ms, result.candidate_ms, result.ratio, result.rel_error)
 
-    opening = solve_reaching_floor(span_graph, table, scores, first, method=method, bins=bins)
+    opening = solve_down_to_fastest(span_graph, table, scores, first, method=method, bins=bins)
     measured = measure(opening)
     if abs(target.error(measured)) > loop.tolerance:
         table = context_corrected(table, Plan.keep_all(span_graph).entries, opening.entries, measured.ratio)
     outcome = meet_target(
-        lambda budget: solve_reaching_floor(span_graph, table, scores, budget, method=method, bins=bins),
+        lambda budget: solve_down_to_fastest(span_graph, table, scores, budget, method=method, bins=bins),
         measure,
         target,
         first_budget_ms=first,
@@ -308,6 +308,9 @@ def _choose_plan(
         tolerance=loop.tolerance,
         max_rounds=loop.max_rounds,
         seed=[(_repriced(opening, table), measured)],
+        solve_between=lambda low, high: solve_down_to_fastest(
+            span_graph, table, scores, high, method=method, bins=bins, floor_ms=low
+        ),
     )
     fastest = _budget_range(span_graph, table, method, first)[0]
     if outcome.error > loop.tolerance and any(r.budget_ms <= fastest * (1 + 1e-9) for r in outcome.rounds):

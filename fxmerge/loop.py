@@ -17,16 +17,22 @@ backend, and the measured ratio is compared with the one asked for:
   The solver maximises importance within a budget, so a corrected budget can give a
   plan already measured; the budget is then pushed on in the same direction (2%,
   doubling) until a new plan comes, a measured plan on the other side of the target
-  comes (no plan lies between: the steps are coarser than the tolerance), or the
-  feasible range ends.
+  comes, or the feasible range ends.
+* when the most important plans under a budget jump over the target (one measured
+  plan too fast, the next too slow), the loop asks for the most important plan whose
+  *predicted* latency lies in a window just under the interpolated budget
+  (``solve_between(low, high)``, width the tolerance): a plan that gives up a little
+  importance to land on the target. It stops when the window holds no plan or only
+  plans already measured.
 
 Of the plans measured, the one kept is the most important plan that meets the target
 with that margin; else the most important within tolerance; when none is, the most important one that is at least as fast
 as asked; when none is, the fastest. Every round is reported. A target in
 milliseconds is checked against the merged model's measured milliseconds the same way.
 
-Nothing here times or solves by itself: it is given ``solve_at(budget_ms) -> Plan`` and
-``measure(plan) -> Measured``, so a deterministic fake can test the loop exactly.
+Nothing here times or solves by itself: it is given ``solve_at(budget_ms) -> Plan``,
+optionally ``solve_between(floor_ms, budget_ms) -> Plan``, and ``measure(plan) ->
+Measured``, so a deterministic fake can test the loop exactly.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ def meet_target(
     tolerance: float = 0.03,
     max_rounds: int = 4,
     seed: Sequence[tuple[Plan, Measured]] = (),
+    solve_between: Callable[[float, float], Plan] | None = None,
 ) -> LoopOutcome:
     """Solve and measure until the merged model meets ``target`` as measured (see the module docstring).
 
@@ -119,8 +126,16 @@ def meet_target(
                 budget = following
                 continue
         elif target.error(known) * target.error(history[-1][2]) < 0:
-            why = "the plans the solver picks near the target differ by more than the tolerance"
-            break
+            window = _window_plan(history, target, tolerance, budget_range, solve_between, measured_plans)
+            if window is None:
+                why = "the plans the solver picks near the target differ by more than the tolerance"
+                break
+            budget, plan = window
+            known = measured_plans[plan.entries] = measure(plan)
+            history.append((budget, plan, known))
+            met, step = _settled(target, known, tolerance), 0.0
+            budget = _next_budget(history, target, budget_range) or budget
+            continue
         if met:
             break
         step = max(2.0 * step, MIN_PUSH * budget)  # the solver gave a plan already measured: push further
@@ -155,6 +170,23 @@ def _next_budget(history, target: Target, budget_range: tuple[float, float]) -> 
     wanted = _clamp(wanted, budget_range)
     tried = {round(b, 9) for b, _, _ in history}
     return None if round(wanted, 9) in tried else wanted
+
+
+def _window_plan(history, target: Target, tolerance: float, budget_range, solve_between, measured) -> tuple | None:
+    """``(budget, plan)``: the most important new plan predicted just under the interpolated budget, if any."""
+    if solve_between is None:
+        return None
+    points = sorted({(_predicted(plan), target.error(m)) for _, plan, m in history})
+    below, above = [p for p in points if p[1] < 0], [p for p in points if p[1] > 0]
+    if not (below and above):
+        return None
+    (p_fast, e_fast), (p_slow, e_slow) = max(below), min(above)
+    wanted = _clamp(p_fast + (0 - e_fast) * (p_slow - p_fast) / (e_slow - e_fast), budget_range)
+    try:
+        plan = solve_between(wanted * (1.0 - tolerance), wanted)
+    except ValueError:  # InfeasibleBudget: no plan in the window
+        return None
+    return None if plan.entries in measured else (wanted, plan)
 
 
 def _clamp(value: float, bounds: tuple[float, float]) -> float:

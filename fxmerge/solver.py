@@ -56,6 +56,17 @@ branch's start budget is where the previous branch (or the source) ends.
 Backtracking starts at the last top-level position with ``b = bins`` and follows the
 back-pointers; a walked region is undone branch by branch in reverse order.
 
+A floor
+-------
+``floor_ms`` asks for the most important plan whose latency lies between the floor
+and the budget (the closed loop uses it when the plans that are best under a budget
+jump over its target). The program then starts from δ in the *exactly* convention —
+``0`` at ``b = 0``, ``-inf`` elsewhere — so that ``best[b]`` is the most importance
+of a plan costing exactly ``b`` bins (shifts and maxima keep that meaning), and
+backtracking starts at the best ``b`` between the floor's bin and ``bins`` (the
+highest among ties). The budget stays a guarantee; the floor holds on the rounded
+costs, so a plan's un-rounded latency may fall under it by its rounding slack.
+
 If no plan fits, :class:`InfeasibleBudget` states the smallest achievable latency
 (an exact min-plus program over the un-rounded latencies) and a budget at which the
 rounded program is certain to find a plan.
@@ -81,6 +92,7 @@ __all__ = [
     "plan_importance",
     "plan_latency",
     "solve",
+    "solve_down_to_fastest",
 ]
 
 METHODS = ("layermerge", "depth", "layer")
@@ -121,6 +133,7 @@ def solve(
     *,
     method: str = "layermerge",
     bins: int = 2000,
+    floor_ms: float | None = None,
 ) -> Plan:
     """The plan of ``span_graph`` with the most importance whose latency fits ``budget_ms``.
 
@@ -128,7 +141,9 @@ def solve(
     or is a plain mapping (offset 0); ``importance_table`` has ``.entries`` or is a
     mapping. The predicted latency of the returned plan (``info["predicted_ms"]``:
     un-rounded entry latencies plus the offset) never exceeds ``budget_ms``; see the
-    module docstring for why. Raises :class:`InfeasibleBudget` when no plan fits.
+    module docstring for why. With ``floor_ms``, only plans whose rounded latency
+    reaches ``floor_ms`` compete (module docstring: *A floor*). Raises
+    :class:`InfeasibleBudget` when no plan fits.
     """
     bins = _check_bins(bins)
     programs = _compile(span_graph, method)
@@ -147,16 +162,18 @@ def solve(
     cost = _bin_costs(latency, needed, available, bins)
     program = _MaxPlus(cost, {e: float(importance[e]) for e in needed}, bins)
 
-    curve = np.zeros(bins + 1)
+    curve = np.zeros(bins + 1) if floor_ms is None else np.where(np.arange(bins + 1) == 0, 0.0, -np.inf)
     traces = []
     for chain_program in programs:
         curve, trace = program.run(chain_program, curve)
         traces.append(trace)
-    if curve[bins] == -np.inf:
+    remaining = bins if floor_ms is None else _best_bin_above(curve, (float(floor_ms) - offset) / available * bins)
+    if curve[remaining] == -np.inf:
+        if floor_ms is not None and curve.max() > -np.inf:
+            raise _empty_window(float(floor_ms), budget, _fastest(programs, latency)[0] + offset)
         raise _infeasible(programs, latency, offset, budget, bins, method)
 
     chosen: list[str] = []
-    remaining = bins
     for chain_program, trace in reversed(list(zip(programs, traces))):
         remaining = program.backtrack(chain_program, trace, remaining, chosen)
     info = (
@@ -167,7 +184,7 @@ def solve(
     return Plan.from_entries(span_graph, chosen, method=method, info=info)
 
 
-def solve_reaching_floor(
+def solve_down_to_fastest(
     span_graph: SpanGraph,
     latency_table,
     importance_table,
@@ -175,6 +192,7 @@ def solve_reaching_floor(
     *,
     method: str = "layermerge",
     bins: int = 2000,
+    floor_ms: float | None = None,
 ) -> Plan:
     """:func:`solve`, except that a budget at the fastest plan's latency returns that plan.
 
@@ -182,12 +200,13 @@ def solve_reaching_floor(
     its exact latency; when ``budget_ms`` is there, the budget the infeasibility
     suggests (the smallest that admits the fastest plan after rounding) is used instead.
     """
+    options = {"method": method, "bins": bins, "floor_ms": floor_ms}
     try:
-        return solve(span_graph, latency_table, importance_table, budget_ms, method=method, bins=bins)
+        return solve(span_graph, latency_table, importance_table, budget_ms, **options)
     except InfeasibleBudget as exc:
         if exc.suggested_ms is None or exc.suggested_ms <= budget_ms:
             raise
-        return solve(span_graph, latency_table, importance_table, exc.suggested_ms, method=method, bins=bins)
+        return solve(span_graph, latency_table, importance_table, exc.suggested_ms, **options)
 
 
 def min_latency(span_graph: SpanGraph, latency_table, method: str = "layermerge") -> float:
@@ -399,6 +418,13 @@ class _MaxPlus:
         return budget
 
 
+def _best_bin_above(curve: np.ndarray, floor_bin: float) -> int:
+    """The bin from ``floor_bin`` on where ``curve`` (exact-cost importances) is largest; the last of ties."""
+    start = min(max(int(math.ceil(floor_bin)), 0), len(curve) - 1)
+    window = curve[start:][::-1]
+    return len(curve) - 1 - int(window.argmax())
+
+
 # ------------------------------------------------------------------ infeasibility
 def _fastest(programs: Iterable[_Program], latency: Mapping[str, float]) -> tuple[float, int]:
     """(latency, entry count) of the fastest plan, fewest entries among ties; exact."""
@@ -436,6 +462,15 @@ def _round_up(value: float, digits: int = 6) -> float:
         return value
     scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
     return math.ceil(value * (1 + 1e-12) * scale) / scale
+
+
+def _empty_window(floor_ms: float, budget_ms: float, fastest_ms: float) -> InfeasibleBudget:
+    return InfeasibleBudget(
+        f"no plan's latency lies between {floor_ms:.6g} ms and {budget_ms:.6g} ms",
+        budget_ms=budget_ms,
+        min_latency_ms=fastest_ms,
+        suggested_ms=None,
+    )
 
 
 def _infeasible(

@@ -130,16 +130,26 @@ def test_a_plan_within_tolerance_only_by_less_than_its_uncertainty_is_measured_a
     assert lone.met and lone.kept.ratio == pytest.approx(0.585)
 
 
-def two_plans(above: float):
+def fake_plan(p: float, objective: float | None = None) -> Plan:
+    return Plan(model="fake", fingerprint="f", rules="general", entries=(f"e{p:g}",),
+                info=(("objective", p if objective is None else objective), ("predicted_ms", p)))  # fmt: skip
+
+
+def two_plans(above: float, solve_between=None):
     """A solver with flat importance: any budget below 58 ms gives the 50 ms plan, else the ``above`` ms plan."""
 
     def solve_at(budget: float) -> Plan:
-        p = 50.0 if budget < 58.0 else above
-        return Plan(model="fake", fingerprint="f", rules="general", entries=(f"e{p:g}",),
-                    info=(("objective", p), ("predicted_ms", p)))  # fmt: skip
+        return fake_plan(50.0 if budget < 58.0 else above)
 
     measure, calls = measuring(lambda p: p)
-    outcome = meet_target(solve_at, measure, Target(ratio=0.56), first_budget_ms=56.0, budget_range=(10.0, 150.0))
+    outcome = meet_target(
+        solve_at,
+        measure,
+        Target(ratio=0.56),
+        first_budget_ms=56.0,
+        budget_range=(10.0, 150.0),
+        solve_between=solve_between,
+    )
     return outcome, calls
 
 
@@ -153,4 +163,28 @@ def test_pushing_stops_at_a_measured_plan_on_the_other_side_of_the_target():
     outcome, calls = two_plans(62.0)
     assert calls == [50.0, 62.0] and not outcome.met
     assert outcome.kept.ratio == pytest.approx(0.5)  # faster than asked, never slower
+    assert "differ by more than the tolerance" in outcome.why
+
+
+def test_plans_jumping_over_the_target_send_the_loop_to_a_window_under_the_interpolated_budget():
+    windows = []
+
+    def solve_between(low: float, high: float) -> Plan:
+        windows.append((low, high))
+        return fake_plan(55.5, objective=1.0)  # less important than either jumping plan, but on target
+
+    outcome, calls = two_plans(62.0, solve_between)
+    assert windows == [(pytest.approx(56.0 * 0.97), pytest.approx(56.0))]  # interpolated between 50 and 62 ms
+    assert calls == [50.0, 62.0, 55.5]
+    assert outcome.met and outcome.kept.ratio == pytest.approx(0.555)
+
+
+def test_an_empty_window_stops_the_loop_with_the_plans_it_has():
+    from fxmerge.solver import InfeasibleBudget
+
+    def solve_between(low: float, high: float) -> Plan:
+        raise InfeasibleBudget("no plan in the window", budget_ms=high, min_latency_ms=10.0, suggested_ms=None)
+
+    outcome, calls = two_plans(62.0, solve_between)
+    assert calls == [50.0, 62.0] and not outcome.met
     assert "differ by more than the tolerance" in outcome.why

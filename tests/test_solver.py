@@ -399,6 +399,35 @@ def test_matches_exhaustive_search():
     assert cases >= 900 and feasible >= 450
 
 
+def test_floor_matches_exhaustive_search():
+    """With ``floor_ms``: the most important plan whose rounded cost lies between the floor's bin and the budget."""
+    cases = found = 0
+    for seed, sg, plans in small_graphs(150):
+        rng = random.Random(2000 + seed)
+        latency, importance, offset = random_tables(sg, rng)
+        table = SimpleNamespace(entries=latency, offset_ms=offset)
+        real = sorted(math.fsum(latency[e] for e in p) for p in plans)
+        budget = offset + rng.uniform(real[0], 1.05 * real[-1])
+        floor = offset + (budget - offset) * rng.uniform(0.6, 0.99)
+        bins = 1000
+        cost = bin_costs(latency, offset, budget, bins)
+        first_bin = math.ceil((floor - offset) / (budget - offset) * bins)
+        window = [p for p in plans if first_bin <= sum(cost[e] for e in p) <= bins]
+        cases += 1
+        if not window:
+            with pytest.raises(InfeasibleBudget):
+                solve(sg, table, importance, budget, bins=bins, floor_ms=floor)
+            continue
+        found += 1
+        plan = solve(sg, table, importance, budget, bins=bins, floor_ms=floor)
+        plan.validate(sg)
+        best = max(math.fsum(importance[e] for e in p) for p in window)
+        assert dict(plan.info)["objective"] == pytest.approx(best, abs=1e-9), seed
+        assert first_bin <= sum(cost[e] for e in plan.entries) <= bins
+        assert plan_latency(plan, table) <= budget
+    assert cases == 150 and found >= 60, found
+
+
 def test_min_latency_matches_exhaustive_search():
     for seed, sg, _ in small_graphs(80):
         rng = random.Random(seed)
