@@ -109,7 +109,7 @@ def analyse(config: str, args) -> dict:
         row["measured_saving_ms"] = (1 - row["measured_ratio"]) * original
         row["beta_ms"] = (row["measured_saving_ms"] - row["table_saving_ms"]) / removed if removed else None
     fit = next(r for r in rows if r["plan"] == "solver 70%")
-    corrected = context_corrected(table, Plan.keep_all(span_graph).entries, fit["entries"], fit["measured"].ratio)
+    corrected = context_corrected(table, keep_all, [(fit["entries"], fit["measured"].ratio)])
     for row in rows:
         row["corrected_ratio"] = plan_latency(Plan.from_entries(span_graph, row["entries"]), corrected) / original
         del row["measured"]

@@ -276,12 +276,14 @@ def _choose_plan(
 ) -> _Choice:
     """Solve for the target; with the loop on, measure, correct the table and the budget, solve again.
 
-    The first measured plan also corrects the table itself (:func:`~fxmerge.latency.table.context_corrected`):
-    with two models measured end to end (the original and that plan), the cost each
-    conv adds inside a model beyond its entry is known, and every later solve uses it.
+    Every measured plan that misses also corrects the table itself
+    (:func:`~fxmerge.latency.table.context_corrected`, fitted on all plans measured so
+    far): the cost each conv adds inside a model beyond its entry, which every later
+    solve, and the loop's interpolation, then use.
     """
     from fxmerge.latency.compare import Comparator
     from fxmerge.latency.table import context_corrected
+    from fxmerge.solver import plan_latency
 
     first = target.ratio * table.original_ms if target.ratio is not None else target.ms
     if not loop.enabled:  # the table is trusted: a target below its fastest plan is infeasible
@@ -289,33 +291,44 @@ def _choose_plan(
 
         return _Choice(solve(span_graph, table, scores, first, method=method, bins=bins), None, table)
     comparator = Comparator(folded, captured.example_inputs, timer)
+    keep_all, calibrated, fitted = Plan.keep_all(span_graph).entries, table, []
+    current = {"table": table}
 
     def measure(plan: Plan) -> Measured:
         merged = merge(linearize_pass.linearize(captured, span_graph, plan, share_parameters=True))
         result = comparator.compare(merged)
-        return Measured(result.reference_ms, result.candidate_ms, result.ratio, result.rel_error)
+        measured = Measured(result.reference_ms, result.candidate_ms, result.ratio, result.rel_error)
+        fitted.append((plan.entries, result.ratio))
+        if abs(target.error(measured)) > loop.tolerance:
+            current["table"] = context_corrected(calibrated, keep_all, fitted)
+        return measured
 
-    opening = solve_down_to_fastest(span_graph, table, scores, first, method=method, bins=bins)
+    def solve_at(budget: float, floor: float | None = None) -> Plan:
+        return solve_down_to_fastest(
+            span_graph, current["table"], scores, budget, method=method, bins=bins, floor_ms=floor
+        )
+
+    opening = solve_at(first)
     measured = measure(opening)
-    if abs(target.error(measured)) > loop.tolerance:
-        table = context_corrected(table, Plan.keep_all(span_graph).entries, opening.entries, measured.ratio)
+    budget_range = _budget_range(span_graph, current["table"], method, first)
     outcome = meet_target(
-        lambda budget: solve_down_to_fastest(span_graph, table, scores, budget, method=method, bins=bins),
+        solve_at,
         measure,
         target,
         first_budget_ms=first,
-        budget_range=_budget_range(span_graph, table, method, first),
+        budget_range=budget_range,
         tolerance=loop.tolerance,
         max_rounds=loop.max_rounds,
-        seed=[(_repriced(opening, table), measured)],
-        solve_between=lambda low, high: solve_down_to_fastest(
-            span_graph, table, scores, high, method=method, bins=bins, floor_ms=low
-        ),
+        seed=[(_repriced(opening, current["table"]), measured)],
+        solve_between=lambda low, high: solve_at(high, low),
+        predict=lambda plan: plan_latency(plan, current["table"]),
     )
-    fastest = _budget_range(span_graph, table, method, first)[0]
-    if outcome.error > loop.tolerance and any(r.budget_ms <= fastest * (1 + 1e-9) for r in outcome.rounds):
+    too_slow = all(
+        target.error(Measured(r.original_ms, r.measured_ms, r.ratio)) > loop.tolerance for r in outcome.rounds
+    )
+    if too_slow and any(r.budget_ms <= budget_range[0] * (1 + 1e-9) for r in outcome.rounds):
         raise _unreachable(outcome, target, timer)
-    return _Choice(outcome.plan, outcome, table)
+    return _Choice(outcome.plan, outcome, current["table"])
 
 
 def _budget_range(span_graph, table, method: str, first: float) -> tuple[float, float]:
@@ -423,8 +436,8 @@ def _report(span_graph, choice: _Choice, scores, method, target: Target, stages,
     context = table.info.get("context_cost")
     if context:
         notes.append(
-            f"latency table corrected from two end-to-end measurements: each conv costs "
-            f"{context['per_entry_ms']:+.4f} ms inside the model beyond its entry timed alone"
+            f"latency table corrected from end-to-end measurements (the original and {context['plans']} "
+            f"plan(s)): each conv costs {context['per_entry_ms']:+.4f} ms inside the model beyond its entry timed alone"
         )
     target_ms = target.ms if target.ms is not None else target.ratio * table.original_ms
     return Report(

@@ -26,8 +26,10 @@ backend, and the measured ratio is compared with the one asked for:
   plans already measured.
 
 Of the plans measured, the one kept is the most important plan that meets the target
-with that margin; else the most important within tolerance; when none is, the most important one that is at least as fast
-as asked; when none is, the fastest. Every round is reported. A target in
+with that margin; else the most important within tolerance; when none is, the one
+closest to the target (the faster of two equally close): a plan far faster than asked
+throws away accuracy the user did not trade, one a little slower says so. Every round
+is reported. A target in
 milliseconds is checked against the merged model's measured milliseconds the same way.
 
 Nothing here times or solves by itself: it is given ``solve_at(budget_ms) -> Plan``,
@@ -102,18 +104,24 @@ def meet_target(
     max_rounds: int = 4,
     seed: Sequence[tuple[Plan, Measured]] = (),
     solve_between: Callable[[float, float], Plan] | None = None,
+    predict: Callable[[Plan], float] | None = None,
 ) -> LoopOutcome:
     """Solve and measure until the merged model meets ``target`` as measured (see the module docstring).
 
     ``budget_range`` bounds the predicted budgets tried (the fastest plan's prediction
     and the original's). ``seed`` holds plans already solved and measured (each counts
-    as a round); the loop starts from what they say.
+    as a round); the loop starts from what they say. ``predict(plan)`` is a plan's
+    predicted latency under the table the solver uses *now* (the caller may correct
+    its table after each measurement); by default, the prediction it was solved with.
     """
-    history: list[tuple[float, Plan, Measured]] = [(_predicted(plan), plan, m) for plan, m in seed]
+    predicted = predict or _predicted
+    history: list[tuple[float, Plan, Measured]] = [(predicted(plan), plan, m) for plan, m in seed]
     measured_plans: dict[tuple[str, ...], Measured] = {plan.entries: m for plan, m in seed}
     why, step, solves = "", 0.0, 0
     met = any(_settled(target, m, tolerance) for _, _, m in history)
-    budget = (_next_budget(history, target, budget_range) if history else None) or _clamp(first_budget_ms, budget_range)
+    budget = (_next_budget(history, target, budget_range, predicted) if history else None) or _clamp(
+        first_budget_ms, budget_range
+    )
     while not met and len(history) < max_rounds and solves < SOLVES_PER_ROUND * max_rounds:
         plan, solves = solve_at(budget), solves + 1
         known = measured_plans.get(plan.entries)
@@ -121,12 +129,12 @@ def meet_target(
             known = measured_plans[plan.entries] = measure(plan)
             history.append((budget, plan, known))
             met, step = _settled(target, known, tolerance), 0.0
-            following = None if met else _next_budget(history, target, budget_range)
+            following = None if met else _next_budget(history, target, budget_range, predicted)
             if following is not None:
                 budget = following
                 continue
         elif target.error(known) * target.error(history[-1][2]) < 0:
-            window = _window_plan(history, target, tolerance, budget_range, solve_between, measured_plans)
+            window = _window_plan(history, target, tolerance, budget_range, solve_between, measured_plans, predicted)
             if window is None:
                 why = "the plans the solver picks near the target differ by more than the tolerance"
                 break
@@ -134,7 +142,7 @@ def meet_target(
             known = measured_plans[plan.entries] = measure(plan)
             history.append((budget, plan, known))
             met, step = _settled(target, known, tolerance), 0.0
-            budget = _next_budget(history, target, budget_range) or budget
+            budget = _next_budget(history, target, budget_range, predicted) or budget
             continue
         if met:
             break
@@ -156,9 +164,9 @@ def _predicted(plan: Plan) -> float:
     return float(dict(plan.info)["predicted_ms"])
 
 
-def _next_budget(history, target: Target, budget_range: tuple[float, float]) -> float | None:
+def _next_budget(history, target: Target, budget_range: tuple[float, float], predicted=_predicted) -> float | None:
     """The predicted latency that should measure as asked, from the plans measured so far."""
-    points = sorted({(_predicted(plan), target.error(m)) for _, plan, m in history})
+    points = sorted({(predicted(plan), target.error(m)) for _, plan, m in history})
     below = [p for p in points if p[1] < 0]  # faster than asked
     above = [p for p in points if p[1] > 0]  # slower than asked
     if below and above:
@@ -166,17 +174,19 @@ def _next_budget(history, target: Target, budget_range: tuple[float, float]) -> 
         wanted = p_fast + (0 - e_fast) * (p_slow - p_fast) / (e_slow - e_fast)
     else:
         budget, plan, measured = history[-1]
-        wanted = _predicted(plan) / (1.0 + target.error(measured))
+        wanted = predicted(plan) / (1.0 + target.error(measured))
     wanted = _clamp(wanted, budget_range)
     tried = {round(b, 9) for b, _, _ in history}
     return None if round(wanted, 9) in tried else wanted
 
 
-def _window_plan(history, target: Target, tolerance: float, budget_range, solve_between, measured) -> tuple | None:
+def _window_plan(
+    history, target: Target, tolerance: float, budget_range, solve_between, measured, predicted
+) -> tuple | None:
     """``(budget, plan)``: the most important new plan predicted just under the interpolated budget, if any."""
     if solve_between is None:
         return None
-    points = sorted({(_predicted(plan), target.error(m)) for _, plan, m in history})
+    points = sorted({(predicted(plan), target.error(m)) for _, plan, m in history})
     below, above = [p for p in points if p[1] < 0], [p for p in points if p[1] > 0]
     if not (below and above):
         return None
@@ -210,15 +220,13 @@ def _keep_best(history, target: Target, tolerance: float, why: str, max_rounds: 
     def objective(item) -> float:
         return float(dict(item[1].info).get("objective", 0.0))
 
+    def closeness(item) -> tuple[float, float]:
+        error = target.error(item[2])
+        return round(abs(error), 4), error  # 0.01% apart counts as equally close: then the faster
+
     settled = [item for item in history if _settled(target, item[2], tolerance)]
     met = [item for item in history if abs(target.error(item[2])) <= tolerance]
-    fast_enough = [item for item in history if target.error(item[2]) <= tolerance]
-    if settled or met:
-        chosen = max(settled or met, key=objective)
-    elif fast_enough:
-        chosen = max(fast_enough, key=objective)
-    else:
-        chosen = min(history, key=lambda item: target.error(item[2]))
+    chosen = max(settled or met, key=objective) if settled or met else min(history, key=closeness)
     error = target.error(chosen[2])
     if met:
         why = f"met: measured {error:+.1%} from {target.describe()} (tolerance ±{tolerance:.0%})"

@@ -404,13 +404,19 @@ def test_context_correction_fits_the_measured_plan_and_keeps_the_original() -> N
         original_ms=10.0,
     )
     keep_all, plan = ("a|o0", "b|o0", "c|o0"), ("a|o0", "b|o1")
-    corrected = context_corrected(table, keep_all, plan, measured_ratio=0.6)
+    corrected = context_corrected(table, keep_all, [(plan, 0.6)])
     assert corrected.info["context_cost"]["per_entry_ms"] == pytest.approx(3.0)
     assert corrected.predict(keep_all) == pytest.approx(10.0)
     assert corrected.predict(plan) == pytest.approx(6.0)
-    assert context_corrected(table, keep_all, ("a|o0", "b|o0", "c|o0"), measured_ratio=0.9) is table
+    assert context_corrected(table, keep_all, [(("a|o0", "b|o0", "c|o0"), 0.9)]) is table
+    # two plans: β is their least-squares fit; a plan removing two convs weighs twice
+    one_fewer, two_fewer = ("a|o0", "b|o1"), ("c|o0",)  # saves 1 ms of entries; saves 3 ms of entries
+    both = context_corrected(table, keep_all, [(one_fewer, 0.6), (two_fewer, 0.3)])
+    # y = (4 − 1) = 3 for x = 1; y = (7 − 3) = 4 for x = 2: β = (1·3 + 2·4) / (1 + 4) = 2.2
+    assert both.info["context_cost"]["per_entry_ms"] == pytest.approx(2.2)
+    assert both.predict(keep_all) == pytest.approx(10.0)
     with pytest.raises(ValueError, match="calibrate"):
-        context_corrected(dataclasses.replace(table, original_ms=None), keep_all, plan, measured_ratio=0.6)
+        context_corrected(dataclasses.replace(table, original_ms=None), keep_all, [(plan, 0.6)])
 
 
 def test_calibrate_makes_keep_all_predict_the_original(tmp_path) -> None:

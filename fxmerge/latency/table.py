@@ -411,30 +411,31 @@ def with_context_cost(
 
 
 def context_corrected(
-    table: LatencyTable, keep_all_entry_ids: Iterable[str], plan_entry_ids: Iterable[str], measured_ratio: float
+    table: LatencyTable, keep_all_entry_ids: Iterable[str], measured: Iterable[tuple[Iterable[str], float]]
 ) -> LatencyTable:
-    """``table`` with the per-conv cost inside a model fitted from two end-to-end measurements.
+    """``table`` with the per-conv cost inside a model fitted from end-to-end measurements.
 
-    Keep-all (``n₀`` entries summing to ``Σ₀``) measures ``t₀``; a plan (``n₁``, ``Σ₁``)
-    measures ``t₁ = measured_ratio · t₀`` in the same interleaved rounds. With a cost ``β``
-    per conv beyond its entry, ``t₀ − t₁ = (Σ₀ − Σ₁) + (n₀ − n₁)·β``, so
-    ``β = ((t₀ − t₁) − (Σ₀ − Σ₁)) / (n₀ − n₁)`` (:func:`with_context_cost` applies it).
-    A plan with as many entries as keep-all says nothing about ``β``: ``table`` comes back.
+    Keep-all (``n₀`` entries summing to ``Σ₀``) measures ``t₀``; each measured plan ``i``
+    (``nᵢ`` entries, ``Σᵢ``) measures ``tᵢ = ratioᵢ · t₀`` in the same interleaved rounds
+    (``measured``: ``(plan entry ids, ratioᵢ)`` pairs). With a cost ``β`` per conv beyond
+    its entry, ``t₀ − tᵢ = (Σ₀ − Σᵢ) + (n₀ − nᵢ)·β``; ``β`` is the least-squares fit over
+    the plans, ``Σ xᵢyᵢ / Σ xᵢ²`` with ``xᵢ = n₀ − nᵢ`` and ``yᵢ = (t₀ − tᵢ) − (Σ₀ − Σᵢ)``
+    (one plan: exact), applied by :func:`with_context_cost`. Plans with as many entries
+    as keep-all say nothing about ``β``; with no other, ``table`` comes back.
     """
-    keep_all, plan = list(keep_all_entry_ids), list(plan_entry_ids)
-    removed = len(keep_all) - len(plan)
-    if removed == 0:
-        return table
+    keep_all = list(keep_all_entry_ids)
     if table.original_ms is None:
         raise ValueError("context_corrected needs a calibrated table (original_ms known): call calibrate first")
-    original_ms = float(table.original_ms)
-    saved_measured = (1.0 - measured_ratio) * original_ms
-    saved_entries = sum(table.entries[e] for e in keep_all) - sum(table.entries[e] for e in plan)
-    evidence = {
-        "plan_convs": len(plan),
-        "keep_all_convs": len(keep_all),
-        "measured_ratio": measured_ratio,
-        "entries_saved_ms": saved_entries,
-        "measured_saved_ms": saved_measured,
-    }
-    return with_context_cost(table, (saved_measured - saved_entries) / removed, keep_all, evidence)
+    original_ms, keep_all_ms = float(table.original_ms), sum(table.entries[e] for e in keep_all)
+    points = []
+    for entries, ratio in measured:
+        plan = list(entries)
+        removed = len(keep_all) - len(plan)
+        if removed:
+            unexplained = (1.0 - ratio) * original_ms - (keep_all_ms - sum(table.entries[e] for e in plan))
+            points.append((removed, unexplained))
+    if not points:
+        return table
+    beta = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    evidence = {"plans": len(points), "keep_all_convs": len(keep_all), "convs_removed": [x for x, _ in points]}
+    return with_context_cost(table, beta, keep_all, evidence)
