@@ -48,6 +48,9 @@ def parse(argv=None) -> argparse.Namespace:
     common.add_common_arguments(parser, rounds=6)
     parser.add_argument("--configs", nargs="+", default=None, help="MODEL@SIZE (default: resnet18@64 mobilenet_v2@224)")
     parser.add_argument("--random", type=int, default=4, help="random plans per model (default 4)")
+    parser.add_argument(
+        "--weights", choices=["auto", "cold", "hot"], default="auto", help="conv timing mode of the table (default auto)"
+    )
     args = parser.parse_args(argv)
     args = common.finish_common_arguments(args, "latency_context", models=["-"], quick_models=["-"], rounds=6)
     args.configs = common.split_list(args.configs) or (CONFIGS[:1] if args.quick else CONFIGS)
@@ -92,7 +95,9 @@ def analyse(config: str, args) -> dict:
     span_graph = analyze_captured(captured)
     backend = get_backend("onnxruntime", threads=args.threads)
     folded = fxmerge.merge(captured.gm)
-    table = build_latency_table(span_graph, backend, cache_dir=args.cache_dir / "latency", progress=args.progress)
+    table = build_latency_table(
+        span_graph, backend, cache_dir=args.cache_dir / "latency", progress=args.progress, weights=args.weights
+    )
     keep_all = Plan.keep_all(span_graph).entries
     table = calibrate(table, folded, x, keep_all, backend)
     scores = build_importance_table(
@@ -115,6 +120,7 @@ def analyse(config: str, args) -> dict:
         del row["measured"]
     return {
         "config": config,
+        "weights": table.info["weights"],
         "keep_all_convs": len(keep_all),
         "original_ms": original,
         "offset_ms": table.offset_ms,
@@ -146,7 +152,7 @@ def markdown(results: list[dict], env: dict) -> str:
     ]
     for result in results:
         lines += [
-            f"**{result['config']}**: {result['keep_all_convs']} convs, original {result['original_ms']:.3f} ms, "
+            f"**{result['config']}** (table {result.get('weights', 'hot')}): {result['keep_all_convs']} convs, original {result['original_ms']:.3f} ms, "
             f"entries sum {result['entries_sum_ms']:.3f} ms, offset {result['offset_ms']:.3f} ms, fitted β "
             f"{result['beta_fitted_ms'] * 1e3:+.1f} µs per conv.",
             "",

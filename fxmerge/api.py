@@ -256,6 +256,8 @@ def _latency_table(captured: Captured, span_graph: SpanGraph, timer, cache_dir, 
     table = build_latency_table(span_graph, timer, cache_dir=cache_dir, progress=progress)
     folded = _folded(captured, notes)
     table = calibrate(table, folded, captured.example_inputs, Plan.keep_all(span_graph).entries, timer)
+    if str(table.info.get("weights", "")).startswith("cold"):
+        notes.append(f"latency table {table.info['weights']}")
     if "timing" in table.info:  # under torchrun: who timed, and why
         notes.append(
             f"{table.info['timing']}; the plan is solved (and, in the closed loop, timed) by rank 0 "
@@ -319,7 +321,7 @@ def _choose_plan(
         budget_range=budget_range,
         tolerance=loop.tolerance,
         max_rounds=loop.max_rounds,
-        seed=[(_repriced(opening, current["table"]), measured)],
+        seed=[(opening, measured)],
         solve_between=lambda low, high: solve_at(high, low),
         predict=lambda plan: plan_latency(plan, current["table"]),
     )
@@ -335,14 +337,6 @@ def _budget_range(span_graph, table, method: str, first: float) -> tuple[float, 
     from fxmerge.solver import min_latency
 
     return min_latency(span_graph, table, method), max(float(table.original_ms), first) * 1.5
-
-
-def _repriced(plan: Plan, table) -> Plan:
-    """``plan`` with its predicted latency under ``table``."""
-    from fxmerge.solver import plan_latency
-
-    info = {**dict(plan.info), "predicted_ms": plan_latency(plan, table)}
-    return replace(plan, info=tuple(sorted(info.items())))
 
 
 def _unreachable(outcome: LoopOutcome, target: Target, timer) -> TargetUnreachable:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
@@ -89,6 +91,24 @@ class ConvSpec:
     @property
     def is_depthwise(self) -> bool:
         return self.groups == self.in_channels and self.groups > 1
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes per tensor element of ``dtype``."""
+        bits = re.search(r"(\d+)$", self.dtype)  # float32, bfloat16, float64 ...
+        return int(bits.group(1)) // 8 if bits else 4
+
+    @property
+    def weight_bytes(self) -> int:
+        """The size of the conv's weight (and bias) tensors in memory."""
+        numel = self.out_channels * (self.in_channels // self.groups) * math.prod(self.kernel_size)
+        return (numel + (self.out_channels if self.bias else 0)) * self.element_bytes
+
+    @property
+    def traffic_bytes(self) -> int:
+        """What one run of the conv reads and writes: its weights, its input and its output."""
+        tensors = math.prod(self.input_shape) + math.prod(self.output_shape)
+        return self.weight_bytes + tensors * self.element_bytes
 
     @classmethod
     def of_conv(cls, conv, *, input_shape: Shape, activation: str | None, bias: bool, dtype=None) -> ConvSpec:

@@ -115,7 +115,7 @@ def meet_target(
     its table after each measurement); by default, the prediction it was solved with.
     """
     predicted = predict or _predicted
-    history: list[tuple[float, Plan, Measured]] = [(predicted(plan), plan, m) for plan, m in seed]
+    history: list[tuple[float, Plan, Measured]] = [(_predicted(plan), plan, m) for plan, m in seed]
     measured_plans: dict[tuple[str, ...], Measured] = {plan.entries: m for plan, m in seed}
     why, step, solves = "", 0.0, 0
     met = any(_settled(target, m, tolerance) for _, _, m in history)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxmerge
 from fxmerge.ir import ConvSpec, Option, Span, SpanGraph
 from fxmerge.latency import (
     BACKENDS,
@@ -29,10 +30,13 @@ from fxmerge.latency import (
     get_backend,
     measure_model,
     spec_input,
+    timing,
 )
+from fxmerge.latency import table as table_module
 from fxmerge.latency.backends import export_onnx
 from fxmerge.latency.conv import null_spec
-from fxmerge.latency.table import context_corrected
+from fxmerge.latency.table import context_corrected, entry_policy
+from fxmerge.latency.timing import TimingPolicy, time_runs
 
 QUICK = {"threads": 1, "runs": 5, "warmup": 2}
 
@@ -186,6 +190,56 @@ def test_timing_is_adaptive() -> None:
     backend = get_backend("eager", threads=1, runs=1000, warmup=0, min_runs=3, max_time_s=0.0)
     m = backend.measure(conv_module(conv()), spec_input(conv()))
     assert m.runs == 3
+
+
+def test_evicting_policy_flushes_the_caches_before_every_timed_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple] = []
+    monkeypatch.setattr(timing, "_evictor", lambda size: lambda: events.append(("evict", size)))
+    policy = TimingPolicy(warmup=2, runs=4, min_runs=4, evict_bytes=4096)
+    time_runs(lambda: events.append(("run",)), policy, batch_size=1, threads=1)
+    assert events == [("run",)] * 2 + [("evict", 4096), ("run",)] * 4  # warm-up runs are not flushed
+    with pytest.raises(ValueError, match="evict_bytes"):
+        TimingPolicy(evict_bytes=-1)
+
+
+def test_conv_bytes_are_those_of_the_module() -> None:
+    for spec in (conv(), conv(cin=8, cout=8, groups=8, bias=False, stride=2), conv(dims=1, k=5)):
+        assert spec.weight_bytes == sum(p.numel() * p.element_size() for p in conv_module(spec).parameters())
+        x = spec_input(spec)
+        y = conv_module(spec)(x)
+        assert spec.traffic_bytes == spec.weight_bytes + (x.numel() + y.numel()) * 4
+    assert dataclasses.replace(conv(), dtype="float16").weight_bytes * 2 == conv().weight_bytes
+
+
+def test_auto_times_cold_when_the_weights_exceed_the_last_level_cache(tmp_path, monkeypatch) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    graph = fxmerge.analyze(model, torch.randn(1, 3, 8, 8))
+    size = sum(p.numel() * 4 for p in model.parameters()) + (3 + 8 + 8 + 8) * 8 * 8 * 4  # weights, activations
+    backend = get_backend("eager", **QUICK)
+    monkeypatch.setattr(table_module, "last_level_cache_bytes", lambda: 10 * size)
+    hot = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
+    assert hot.info["weights"].startswith("hot") and hot.info["measured"] > 0
+    monkeypatch.setattr(table_module, "last_level_cache_bytes", lambda: size - 4)
+    policy, why = entry_policy(graph, backend)
+    assert policy is not None and policy.evict_bytes == 2 * (size - 4) and why.startswith("cold")
+    assert dataclasses.replace(policy, evict_bytes=0) == backend.policy
+    cold = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
+    assert cold.info["weights"] == why
+    assert cold.info["measured"] == hot.info["measured"]  # a hot measurement never stands in for a cold one
+    again = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
+    assert again.info["measured"] == 0 and again.entries == cold.entries
+
+
+def test_weights_mode_is_checked() -> None:
+    graph = span_graph([conv()])
+    with pytest.raises(ValueError, match="'auto', 'cold' or 'hot'"):
+        entry_policy(graph, FakeBackend(), "warm")
+    gpu = FakeBackend()
+    gpu.device = "cuda"
+    with pytest.raises(ValueError, match="flushes the CPU's caches"):
+        entry_policy(graph, gpu, "cold")
+    assert entry_policy(graph, gpu)[0] is None  # auto never flushes a GPU's caches
+    assert entry_policy(graph, FakeBackend(), "hot") == (None, entry_policy(graph, FakeBackend(), "hot")[1])
 
 
 def test_measure_does_not_change_the_callers_module() -> None:

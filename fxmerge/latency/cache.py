@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fxmerge.cache import EntryCache, cache_dir
 from fxmerge.latency.backends import LatencyBackend
-from fxmerge.latency.timing import Measurement
+from fxmerge.latency.timing import Measurement, TimingPolicy
 
 FORMAT = "fxmerge.latency.measurement/1"
 
@@ -27,9 +27,10 @@ def default_cache_dir() -> Path:
     return cache_dir("latency")
 
 
-def key_fields(signature: str, backend: LatencyBackend, batch_size: int) -> dict:
-    """What a cached measurement must match to be reused."""
-    policy = getattr(backend, "policy", None)
+def key_fields(signature: str, backend: LatencyBackend, batch_size: int, policy: TimingPolicy | None = None) -> dict:
+    """What a cached measurement must match to be reused (``policy``: the one it was timed by,
+    default the backend's)."""
+    policy = policy or getattr(backend, "policy", None)
     return {
         "signature": signature,
         "backend": backend.name,

@@ -46,7 +46,7 @@ from fxmerge.ir import ConvSpec, FrozenTable, SpanGraph, frozen_mapping
 from fxmerge.latency.backends import LatencyBackend, resolve_backend
 from fxmerge.latency.cache import MeasurementCache, key_fields
 from fxmerge.latency.conv import conv_module, null_spec, spec_input
-from fxmerge.latency.timing import Measurement
+from fxmerge.latency.timing import Measurement, TimingPolicy, last_level_cache_bytes
 
 FORMAT = "fxmerge.latency_table/1"
 
@@ -138,29 +138,73 @@ def build_latency_table(
     *,
     cache_dir: str | os.PathLike | None | bool = None,
     progress: bool = True,
+    weights: str = "auto",
 ) -> LatencyTable:
     """Time every entry of ``span_graph`` on ``backend``.
 
     ``cache_dir``: where measurements are cached (default: see
-    :func:`~fxmerge.cache.cache_dir`); ``False`` disables the cache.
+    :func:`~fxmerge.cache.cache_dir`); ``False`` disables the cache. ``weights``:
+    whether convs are timed with their weights in the caches or out of them
+    (:func:`entry_policy`).
     """
     backend = resolve_backend(backend)
     directory = resolve_cache_dir("latency", cache_dir)
     cache = None if directory is None else MeasurementCache(directory)
+    policy, why = entry_policy(span_graph, backend, weights)
     rule = timing_rule(backend)
     if rule == "leader":
         built = distributed.once_per(
-            device_kind(backend), lambda: _build(span_graph, backend, cache, progress, shard=False).to_dict()
+            device_kind(backend), lambda: _build(span_graph, backend, cache, progress, policy, shard=False).to_dict()
         )
         table = LatencyTable.from_dict(built)
     else:
-        table = _build(span_graph, backend, cache, progress and distributed.is_main(), shard=rule == "shard")
+        main = progress and distributed.is_main()
+        table = _build(span_graph, backend, cache, main, policy, shard=rule == "shard")
+    table = dataclasses.replace(table, info={**table.info, "weights": why})
     if rule == "alone":
         return table
     return dataclasses.replace(table, info={**table.info, "timing": describe_timing(rule, backend)})
 
 
-def _build(span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool, *, shard: bool) -> LatencyTable:
+def entry_policy(
+    span_graph: SpanGraph, backend: LatencyBackend, weights: str = "auto"
+) -> tuple[TimingPolicy | None, str]:
+    """The timing policy for the table's convs (``None``: the backend's own), and a sentence saying why.
+
+    ``"hot"``: a conv is timed run after run with its weights in the caches.
+    ``"cold"`` (CPU only): the caches are flushed before every timed run
+    (:attr:`~fxmerge.latency.timing.TimingPolicy.evict_bytes`, twice the last-level
+    cache), so the weights come from memory — what a conv pays inside a network that
+    reads and writes more per forward pass than that cache holds, where by the time a
+    conv runs again the other convs' weights and activations have pushed its own
+    weights out. Timed hot, such a network looks far faster than it is wherever reading
+    weights costs as much as the arithmetic (small inputs, depthwise-separable
+    blocks). ``"auto"``: cold on a CPU whose last-level cache is smaller than what the
+    convs read and write in one forward pass (:attr:`~fxmerge.ir.ConvSpec.traffic_bytes`
+    summed over the units), else hot.
+    """
+    if weights not in ("auto", "cold", "hot"):
+        raise ValueError(f"weights={weights!r}: use 'auto', 'cold' or 'hot'")
+    llc = last_level_cache_bytes()
+    traffic = sum(unit.conv.traffic_bytes for unit in span_graph.units)
+    described = f"the convs move {traffic / 2**20:.1f} MB per forward pass"
+    can_flush = backend.device == "cpu" and llc is not None and hasattr(backend, "runner")
+    if weights == "cold" and not can_flush:
+        raise ValueError(
+            f"weights='cold' flushes the CPU's caches between runs; not possible with {backend.name} on "
+            f"{backend.device} here (cache size {'unknown' if llc is None else 'known'}): use 'hot' or 'auto'"
+        )
+    if weights == "hot" or (weights == "auto" and not (can_flush and traffic > llc)):
+        reason = "as asked" if weights == "hot" else "it fits in the last-level cache" if can_flush else "not a CPU"
+        return None, f"hot: convs timed with their weights cached ({described}; {reason})"
+    policy = dataclasses.replace(getattr(backend, "policy", None) or TimingPolicy(), evict_bytes=2 * llc)
+    reason = "as asked" if weights == "cold" else f"more than the {llc / 2**20:.0f} MB last-level cache"
+    return policy, f"cold: caches flushed before every timed run ({described}; {reason})"
+
+
+def _build(
+    span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool, policy: TimingPolicy | None, *, shard: bool
+) -> LatencyTable:
     """The table, timed here (with ``shard``, this rank's share of the convs; every rank gets all)."""
     by_signature: dict[str, ConvSpec] = {}
     timed = [e for e in span_graph.entries if not e.option.identity]
@@ -175,11 +219,11 @@ def _build(span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool
         leave=False,
     )
     with bar:
-        results, measured, cached = _measure_all(by_signature, backend, cache, bar, shard=shard)
+        results, measured, cached = _measure_all(by_signature, backend, cache, bar, policy, shard=shard)
 
     overhead: dict[str, float] = {}
     if getattr(backend, "standalone_overhead", False):
-        overhead = _standalone_overheads(by_signature, backend, cache, progress, shard=shard)
+        overhead = _standalone_overheads(by_signature, backend, cache, progress, policy, shard=shard)
     entries = {
         e.id: 0.0
         if e.option.identity
@@ -207,7 +251,7 @@ def _build(span_graph: SpanGraph, backend: LatencyBackend, cache, progress: bool
 
 
 def _measure_all(
-    specs: dict[str, ConvSpec], backend, cache, bar, *, shard: bool
+    specs: dict[str, ConvSpec], backend, cache, bar, policy: TimingPolicy | None, *, shard: bool
 ) -> tuple[dict[str, Measurement], int, int]:
     """Every spec's measurement (cached or timed), and how many were timed and read from the cache.
 
@@ -218,7 +262,7 @@ def _measure_all(
     results: dict[str, Measurement] = {}
     measured = cached = 0
     for signature in distributed.shard(list(specs)) if shard else list(specs):
-        measurement, was_cached = _measure_cached(signature, specs[signature], backend, cache)
+        measurement, was_cached = _measure_cached(signature, specs[signature], backend, cache, policy)
         measured += not was_cached
         cached += was_cached
         results[signature] = measurement
@@ -277,13 +321,19 @@ def describe_timing(rule: str, backend: LatencyBackend) -> str:
     )
 
 
-def _measure_cached(signature: str, spec: ConvSpec, backend, cache) -> tuple[Measurement, bool]:
-    """``spec`` timed on ``backend``, read from ``cache`` when there; written as soon as measured."""
-    fields = key_fields(signature, backend, spec.input_shape[0])
+def _measure_cached(
+    signature: str, spec: ConvSpec, backend, cache, policy: TimingPolicy | None
+) -> tuple[Measurement, bool]:
+    """``spec`` timed on ``backend`` by ``policy`` (``None``: the backend's), read from ``cache`` when
+    there; written as soon as measured."""
+    fields = key_fields(signature, backend, spec.input_shape[0], policy)
     measurement = cache.get(fields) if cache else None
     if measurement is not None:
         return measurement, True
-    measurement = backend.measure(conv_module(spec), spec_input(spec))
+    if policy is None:
+        measurement = backend.measure(conv_module(spec), spec_input(spec))
+    else:
+        measurement = backend.runner(conv_module(spec), spec_input(spec)).measure(policy)
     if cache:
         cache.put(fields, measurement)
     return measurement, False
@@ -296,7 +346,13 @@ def _in_model_ms(standalone_ms: float, overhead_ms: float) -> float:
 
 
 def _standalone_overheads(
-    by_signature: dict[str, ConvSpec], backend, cache, progress: bool, *, shard: bool = False
+    by_signature: dict[str, ConvSpec],
+    backend,
+    cache,
+    progress: bool,
+    policy: TimingPolicy | None,
+    *,
+    shard: bool = False,
 ) -> dict[str, float]:
     """Per conv signature, what timing it alone costs beyond its work inside a model.
 
@@ -313,7 +369,7 @@ def _standalone_overheads(
         leave=False,
     )
     with bar:
-        results, _, _ = _measure_all(distinct, backend, cache, bar, shard=shard)
+        results, _, _ = _measure_all(distinct, backend, cache, bar, policy, shard=shard)
     return {signature: results[n.signature()].median_ms for signature, n in nulls.items() if n is not None}
 
 

@@ -13,6 +13,12 @@ ends with a wider interval says so in its ``rel_error``.
 On CPU each run is timed with :func:`time.perf_counter`; on CUDA with a pair of
 CUDA events around the run and a synchronize after it (each run is timed alone,
 as at batch-1 deployment, not pipelined behind the previous one).
+
+A policy with ``evict_bytes`` streams through a buffer of that size before every
+timed CPU run (untimed): the run then finds its weights in memory rather than in the
+caches, as a conv does inside a network whose weights do not fit in the last-level
+cache (:func:`last_level_cache_bytes`) — each conv's weights have been evicted by the
+rest of the network's since it last ran.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -64,7 +71,9 @@ class TimingPolicy:
     ``warmup`` untimed runs (stopping early, after at least one, once
     ``max_warmup_s`` is spent), then timed runs until ``runs`` are done, or until at
     least ``min_runs`` are done and either the median's relative error is at most
-    ``rel_error`` or ``max_time_s`` is spent.
+    ``rel_error`` or ``max_time_s`` is spent. ``evict_bytes`` > 0: before each timed
+    CPU run, stream through a buffer that large (untimed) so the run starts with cold
+    caches.
     """
 
     warmup: int = 10
@@ -73,10 +82,13 @@ class TimingPolicy:
     max_time_s: float = 1.0
     max_warmup_s: float = 0.5
     rel_error: float = 0.01
+    evict_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.min_runs < 1 or self.warmup < 0:
             raise ValueError(f"invalid timing policy {self}: need runs >= 1, min_runs >= 1, warmup >= 0")
+        if self.evict_bytes < 0:
+            raise ValueError(f"invalid timing policy {self}: evict_bytes must be >= 0")
 
 
 def time_runs(
@@ -149,12 +161,22 @@ def _enough(times: list[float], started: float, policy: TimingPolicy) -> bool:
 
 def _timed_cpu(step: Callable[[], object], policy: TimingPolicy) -> list[float]:
     times: list[float] = []
+    evict = _evictor(policy.evict_bytes)
     started = time.perf_counter()
     while not _enough(times, started, policy):
+        evict()
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def _evictor(size: int) -> Callable[[], object]:
+    """A call that reads ``size`` bytes of its own (pushing everything else out of the caches)."""
+    if size <= 0:
+        return lambda: None
+    buffer = torch.ones(-(-size // 4), dtype=torch.float32)
+    return lambda: float(buffer.sum())
 
 
 def _timed_cuda(step: Callable[[], object], policy: TimingPolicy) -> list[float]:
@@ -210,6 +232,28 @@ def physical_cores() -> int:
     with contextlib.suppress(AttributeError, OSError):
         count = min(count, len(os.sched_getaffinity(0)))
     return max(1, count)
+
+
+def last_level_cache_bytes() -> int | None:
+    """The size of the CPU's largest cache (Linux sysfs), or ``None`` when unknown."""
+    best: tuple[int, int] | None = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = _parse_size((index / "size").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if best is None or (level, size) > best:
+            best = (level, size)
+    return best[1] if best else None
+
+
+def _parse_size(text: str) -> int:
+    """``"32768K"`` / ``"32M"`` / ``"512"`` as bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    if text and text[-1].upper() in units:
+        return int(text[:-1]) * units[text[-1].upper()]
+    return int(text)
 
 
 def cpu_name() -> str:

@@ -40,8 +40,9 @@ modules and trainable. Spans that hold one unit and prune nothing are left as th
 are, so the keep-everything plan returns the original network.
 
 The pass works on a copy of the captured graph: with ``share_parameters=True`` the
-result reads the captured model's own modules and tensors (cheap; for evaluating many
-plans), otherwise it owns a copy of them (for training).
+result reads the captured model's own modules and tensors and generates its Python
+code only when first called (cheap; for evaluating many plans, which the importance
+table does by interpretation), otherwise it owns a copy of them (for training).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxmerge.capture import Captured
 from fxmerge.fxutil import (
@@ -98,8 +100,8 @@ def linearize(
     that removed a normalised activation.
     """
     plan.validate(span_graph)
-    if share_parameters:
-        gm = torch.fx.GraphModule(captured.gm, copy.deepcopy(captured.gm.graph), type(captured.gm).__name__)
+    if share_parameters:  # its Python code is generated on the first call: an interpreter never needs it
+        gm = _LazyGraphModule(captured.gm, copy.deepcopy(captured.gm.graph), type(captured.gm).__name__)
     else:
         gm = copy.deepcopy(captured.gm)
     rewriter = _Rewriter(gm, span_graph, span_graph.rules == "paper" if postnorm is None else postnorm)
