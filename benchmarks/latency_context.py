@@ -15,6 +15,9 @@ For each model configuration, on onnxruntime CPU (1 thread by default):
 4. the table is corrected with ``β`` fitted on one plan (the solver's 70% plan, as the
    closed loop does with its first plan) and every other plan is predicted again.
 
+Each configuration is analysed with the table timed hot (weights in the caches) and
+cold (caches flushed before every timed run; ``build_latency_table(weights=...)``).
+
     python benchmarks/latency_context.py                       # resnet18@64, mobilenet_v2@224
     python benchmarks/latency_context.py --configs resnet18@64 --random 2 --quick
 """
@@ -49,7 +52,11 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=None, help="MODEL@SIZE (default: resnet18@64 mobilenet_v2@224)")
     parser.add_argument("--random", type=int, default=4, help="random plans per model (default 4)")
     parser.add_argument(
-        "--weights", choices=["auto", "cold", "hot"], default="auto", help="conv timing mode of the table (default auto)"
+        "--weights",
+        nargs="+",
+        choices=["auto", "cold", "hot"],
+        default=["hot", "cold"],
+        help="conv timing modes of the table, each analysed in turn (default: hot cold)",
     )
     args = parser.parse_args(argv)
     args = common.finish_common_arguments(args, "latency_context", models=["-"], quick_models=["-"], rounds=6)
@@ -88,7 +95,7 @@ def measure_plans(captured, span_graph, plans, comparator) -> list[dict]:
     return rows
 
 
-def analyse(config: str, args) -> dict:
+def analyse(config: str, weights: str, args) -> dict:
     name, size = config.split("@")
     model, x = common.load_model(name), common.example_input(int(size))
     captured = capture(model, x)
@@ -96,7 +103,7 @@ def analyse(config: str, args) -> dict:
     backend = get_backend("onnxruntime", threads=args.threads)
     folded = fxmerge.merge(captured.gm)
     table = build_latency_table(
-        span_graph, backend, cache_dir=args.cache_dir / "latency", progress=args.progress, weights=args.weights
+        span_graph, backend, cache_dir=args.cache_dir / "latency", progress=args.progress, weights=weights
     )
     keep_all = Plan.keep_all(span_graph).entries
     table = calibrate(table, folded, x, keep_all, backend)
@@ -185,7 +192,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     results = []
     for config in args.configs:
-        results.append(analyse(config, args))
+        for weights in args.weights:
+            results.append(analyse(config, weights, args))
         common.write_json(args.out, {"benchmark": "latency_context", "environment": env, "results": results})
         print(markdown(results[-1:], env), flush=True)
     common.print_footer(args, env, markdown(results, env), time.perf_counter() - started)

@@ -12,6 +12,7 @@ The result holds the trainable linearized model, the plan, a report, and
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -278,13 +279,16 @@ def _choose_plan(
 ) -> _Choice:
     """Solve for the target; with the loop on, measure, correct the table and the budget, solve again.
 
-    Every measured plan that misses also corrects the table itself
-    (:func:`~fxmerge.latency.table.context_corrected`, fitted on all plans measured so
-    far): the cost each conv adds inside a model beyond its entry, which every later
-    solve, and the loop's interpolation, then use.
+    Every measured plan that misses also corrects the table itself: the original's
+    latency becomes the median of its timings beside the plans so far
+    (:func:`~fxmerge.latency.table.reanchored`; the one calibration measurement can be
+    15% off on a busy machine), then the cost each conv adds inside a model beyond its
+    entry is fitted on all plans measured so far
+    (:func:`~fxmerge.latency.table.context_corrected`); every later solve, and the
+    loop's interpolation, use that table.
     """
     from fxmerge.latency.compare import Comparator
-    from fxmerge.latency.table import context_corrected
+    from fxmerge.latency.table import context_corrected, reanchored
     from fxmerge.solver import plan_latency
 
     first = target.ratio * table.original_ms if target.ratio is not None else target.ms
@@ -294,15 +298,17 @@ def _choose_plan(
         return _Choice(solve(span_graph, table, scores, first, method=method, bins=bins), None, table)
     comparator = Comparator(folded, captured.example_inputs, timer)
     keep_all, calibrated, fitted = Plan.keep_all(span_graph).entries, table, []
-    current = {"table": table}
+    current, originals = {"table": table}, []
 
     def measure(plan: Plan) -> Measured:
         merged = merge(linearize_pass.linearize(captured, span_graph, plan, share_parameters=True))
         result = comparator.compare(merged)
         measured = Measured(result.reference_ms, result.candidate_ms, result.ratio, result.rel_error)
         fitted.append((plan.entries, result.ratio))
+        originals.append(result.reference_ms)
         if abs(target.error(measured)) > loop.tolerance:
-            current["table"] = context_corrected(calibrated, keep_all, fitted)
+            anchored = reanchored(calibrated, statistics.median(originals), keep_all)
+            current["table"] = context_corrected(anchored, keep_all, fitted)
         return measured
 
     def solve_at(budget: float, floor: float | None = None) -> Plan:

@@ -35,7 +35,7 @@ from fxmerge.latency import (
 from fxmerge.latency import table as table_module
 from fxmerge.latency.backends import export_onnx
 from fxmerge.latency.conv import null_spec
-from fxmerge.latency.table import context_corrected, entry_policy
+from fxmerge.latency.table import context_corrected, entry_policy, reanchored
 from fxmerge.latency.timing import TimingPolicy, time_runs
 
 QUICK = {"threads": 1, "runs": 5, "warmup": 2}
@@ -471,6 +471,17 @@ def test_context_correction_fits_the_measured_plan_and_keeps_the_original() -> N
     assert both.predict(keep_all) == pytest.approx(10.0)
     with pytest.raises(ValueError, match="calibrate"):
         context_corrected(dataclasses.replace(table, original_ms=None), keep_all, [(plan, 0.6)])
+
+
+def test_reanchoring_on_the_original_timed_beside_the_plans() -> None:
+    # entries 1 + 2 + 3 ms and 2 ms of other ops: the original runs 8 ms, but calibration read 10
+    table = LatencyTable("fake", "cpu", {"a|o0": 1.0, "b|o0": 2.0, "c|o0": 3.0}, offset_ms=4.0, original_ms=10.0)
+    keep_all, plan = ("a|o0", "b|o0", "c|o0"), ("a|o0", "b|o0")  # drops c: 5 of 8 ms, ratio 0.625
+    anchored = reanchored(table, 8.0, keep_all)
+    assert anchored.predict(keep_all) == pytest.approx(8.0) and anchored.predict(plan) == pytest.approx(5.0)
+    assert context_corrected(anchored, keep_all, [(plan, 0.625)]).info["context_cost"]["per_entry_ms"] == 0
+    # fitted without it, the calibration's 2 ms error becomes a phantom cost of every conv
+    assert context_corrected(table, keep_all, [(plan, 0.625)]).info["context_cost"]["per_entry_ms"] > 0.7
 
 
 def test_calibrate_makes_keep_all_predict_the_original(tmp_path) -> None:
