@@ -223,6 +223,8 @@ def test_auto_times_cold_when_the_weights_exceed_the_last_level_cache(tmp_path, 
     policy, why = entry_policy(graph, backend)
     assert policy is not None and policy.evict_bytes == 2 * (size - 4) and why.startswith("cold")
     assert dataclasses.replace(policy, evict_bytes=0) == backend.policy
+    two_threads = get_backend("eager", **{**QUICK, "threads": 2})
+    assert entry_policy(graph, two_threads)[0] is None and "2 threads" in entry_policy(graph, two_threads)[1]
     cold = build_latency_table(graph, backend, cache_dir=tmp_path, progress=False)
     assert cold.info["weights"] == why
     assert cold.info["measured"] == hot.info["measured"]  # a hot measurement never stands in for a cold one

@@ -179,9 +179,13 @@ def entry_policy(
     conv runs again the other convs' weights and activations have pushed its own
     weights out. Timed hot, such a network looks far faster than it is wherever reading
     weights costs as much as the arithmetic (small inputs, depthwise-separable
-    blocks). ``"auto"``: cold on a CPU whose last-level cache is smaller than what the
-    convs read and write in one forward pass (:attr:`~fxmerge.ir.ConvSpec.traffic_bytes`
-    summed over the units), else hot.
+    blocks). ``"auto"``: cold for single-threaded timing on a CPU whose last-level
+    cache is smaller than what the convs read and write in one forward pass
+    (:attr:`~fxmerge.ir.ConvSpec.traffic_bytes` summed over the units), else hot. With
+    several threads the flush leaves the runtime's worker threads idle long enough to
+    sleep, and every timed run then also pays their wake-up, which the null conv
+    (too small to use them) does not cancel: cold tables predicted 2-thread plans
+    10–20% too fast at 224×224 (benchmarks/RESULTS.md), so ``"auto"`` keeps them hot.
     """
     if weights not in ("auto", "cold", "hot"):
         raise ValueError(f"weights={weights!r}: use 'auto', 'cold' or 'hot'")
@@ -194,12 +198,24 @@ def entry_policy(
             f"weights='cold' flushes the CPU's caches between runs; not possible with {backend.name} on "
             f"{backend.device} here (cache size {'unknown' if llc is None else 'known'}): use 'hot' or 'auto'"
         )
-    if weights == "hot" or (weights == "auto" and not (can_flush and traffic > llc)):
-        reason = "as asked" if weights == "hot" else "it fits in the last-level cache" if can_flush else "not a CPU"
-        return None, f"hot: convs timed with their weights cached ({described}; {reason})"
+    if weights == "hot" or (weights == "auto" and not (can_flush and backend.threads == 1 and traffic > llc)):
+        return (
+            None,
+            f"hot: convs timed with their weights cached ({described}; {_why_hot(weights, can_flush, backend)})",
+        )
     policy = dataclasses.replace(getattr(backend, "policy", None) or TimingPolicy(), evict_bytes=2 * llc)
     reason = "as asked" if weights == "cold" else f"more than the {llc / 2**20:.0f} MB last-level cache"
     return policy, f"cold: caches flushed before every timed run ({described}; {reason})"
+
+
+def _why_hot(weights: str, can_flush: bool, backend: LatencyBackend) -> str:
+    if weights == "hot":
+        return "as asked"
+    if not can_flush:
+        return "not a CPU, or its cache size is unknown"
+    if backend.threads != 1:
+        return f"{backend.threads} threads: flushing would time their wake-up too"
+    return "it fits in the last-level cache"
 
 
 def _build(
