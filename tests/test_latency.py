@@ -473,6 +473,10 @@ def test_context_correction_fits_the_measured_plan_and_keeps_the_original() -> N
     assert both.predict(keep_all) == pytest.approx(10.0)
     with pytest.raises(ValueError, match="calibrate"):
         context_corrected(dataclasses.replace(table, original_ms=None), keep_all, [(plan, 0.6)])
+    # a plan saving less than its entries say (−1 ms fitted) leaves the entries as they are
+    slower = context_corrected(table, keep_all, [(plan, 1.0)])
+    assert slower.info["context_cost"]["fitted_ms"] == pytest.approx(-1.0)
+    assert slower.info["context_cost"]["per_entry_ms"] == 0 and slower.entries == table.entries
 
 
 def test_reanchoring_on_the_original_timed_beside_the_plans() -> None:

@@ -484,8 +484,8 @@ def with_context_cost(
     (dispatch, a kernel launch, memory traffic the standalone-overhead subtraction also
     removed) is paid once per conv that stays, so a plan with fewer convs saves more than
     its entries say. ``per_entry_ms`` is that cost as measured end to end (the two-point
-    fit of :func:`context_corrected`); it may be negative where entries timed alone run slower than
-    inside a model. No entry drops below 1% of its measured value.
+    fit of :func:`context_corrected`, which never passes a negative one). No entry drops
+    below 1% of its measured value.
     """
     keep_all = list(keep_all_entry_ids)
     entries = {k: max(v + per_entry_ms, 0.01 * v) for k, v in table.entries.items()}
@@ -508,6 +508,13 @@ def context_corrected(
     the plans, ``Σ xᵢyᵢ / Σ xᵢ²`` with ``xᵢ = n₀ − nᵢ`` and ``yᵢ = (t₀ − tᵢ) − (Σ₀ − Σᵢ)``
     (one plan: exact), applied by :func:`with_context_cost`. Plans with as many entries
     as keep-all say nothing about ``β``; with no other, ``table`` comes back.
+
+    A negative fit is not applied (``β = 0``; the fit is kept in the evidence): taking a
+    constant off every entry drops the small ones to their 1% floor and moves the rest
+    into the offset, so a plan that removes most convs is priced near the original —
+    on 2 threads, the next solves after a negative fit measured 11–13% of the original
+    for 50–70% asks. A table that prices plans too fast is left to the loop's budget
+    correction.
     """
     keep_all = list(keep_all_entry_ids)
     if table.original_ms is None:
@@ -522,6 +529,11 @@ def context_corrected(
             points.append((removed, unexplained))
     if not points:
         return table
-    beta = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
-    evidence = {"plans": len(points), "keep_all_convs": len(keep_all), "convs_removed": [x for x, _ in points]}
-    return with_context_cost(table, beta, keep_all, evidence)
+    fitted = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    evidence = {
+        "plans": len(points),
+        "keep_all_convs": len(keep_all),
+        "convs_removed": [x for x, _ in points],
+        "fitted_ms": fitted,
+    }
+    return with_context_cost(table, max(fitted, 0.0), keep_all, evidence)
