@@ -279,13 +279,10 @@ def _choose_plan(
 ) -> _Choice:
     """Solve for the target; with the loop on, measure, correct the table and the budget, solve again.
 
-    Every measured plan that misses also corrects the table itself: the original's
-    latency becomes the median of its timings beside the plans so far
-    (:func:`~fxmerge.latency.table.reanchored`; the one calibration measurement can be
-    15% off on a busy machine), then the cost each conv adds inside a model beyond its
-    entry is fitted on all plans measured so far
-    (:func:`~fxmerge.latency.table.context_corrected`); every later solve, and the
-    loop's interpolation, use that table.
+    A plan that misses corrects the table: the original becomes the median of its
+    timings beside the plans (:func:`~fxmerge.latency.table.reanchored`), then the
+    per-conv context cost is fitted on every plan measured
+    (:func:`~fxmerge.latency.table.context_corrected`) for the later solves.
     """
     from fxmerge.latency.compare import Comparator
     from fxmerge.latency.table import context_corrected, reanchored
