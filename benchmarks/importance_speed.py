@@ -9,7 +9,8 @@ fresh subprocess, alternating baseline / current ``--repeats`` times so both see
 same machine; the median wall time of each is reported with the ratio. The timed
 part is ``build_importance_table`` alone (capture and analysis happen before).
 
-The search space has grown since the baseline (resnet34: 335 entries then, 409 now), so
+Entries whose network repeats one already evaluated (``info["repeated_networks"]``) are
+counted in the JSON. The search space has grown since the baseline (resnet34: 335 entries then, 409 now), so
 each round also builds this tree's table for the baseline's entries only (``entries=``,
 the ids the baseline produced): the same work, timed like for like.
 """
@@ -51,7 +52,8 @@ CHILD = textwrap.dedent("""
         started = time.perf_counter()
         table = build_importance_table(model, x, graph, "distortion", cache_dir=False, progress=False)
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "entries": len(table.entries), "ids": sorted(table.entries)}))
+    repeated = table.info.get("repeated_networks", 0)
+    print(json.dumps({"seconds": seconds, "entries": len(table.entries), "repeated": repeated, "ids": sorted(table.entries)}))
 """)
 
 
@@ -107,6 +109,7 @@ def compare(model: str, args, current: Path) -> dict:
     labels = ("baseline", "current", "current_same_entries")
     times: dict[str, list[float]] = {label: [] for label in labels}
     entries: dict[str, int] = {}
+    repeated: dict[str, int] = {}
     for _ in range(args.repeats):
         before = run(args.baseline, model, args.size, args.threads)
         now = run(current, model, args.size, args.threads)
@@ -114,8 +117,9 @@ def compare(model: str, args, current: Path) -> dict:
         for label, result in zip(labels, (before, now, same)):
             times[label].append(result["seconds"])
             entries[label] = result["entries"]
+            repeated[label] = result.get("repeated", 0)
             print(f"{model} {label}: {result['seconds']:.1f} s ({result['entries']} entries)", flush=True)
-    row = {"model": model, "entries": entries, "seconds": times}
+    row = {"model": model, "entries": entries, "repeated_networks": repeated, "seconds": times}
     row.update({f"{label}_s": statistics.median(times[label]) for label in labels})
     row["speedup"] = row["baseline_s"] / row["current_s"]
     row["speedup_same_entries"] = row["baseline_s"] / row["current_same_entries_s"]

@@ -9,7 +9,9 @@ build loop (:mod:`fxmerge.importance.table`) drives it:
    original network), ``network(plan)`` — :func:`~fxmerge.passes.linearize.linearize` of the
    captured graph, sharing the captured model's parameters when the estimator only
    evaluates (``shares_parameters``), its own copy when it trains — then
-   ``delta(gm, entry)``;
+   ``delta(gm, entry)``; an estimator with ``same_network_same_delta`` (deterministic,
+   no training) evaluates each distinct network once
+   (:func:`~fxmerge.importance.signature.network_signature`);
 3. ``stats()`` for the table's ``info``.
 
 An estimator whose reference costs an evaluation of its own (a user callable)
@@ -45,7 +47,9 @@ class Estimator:
     shares_parameters = False  # evaluation only: the entry's network may share the captured tensors
     caches_reference = False  # the reference costs an evaluation: the loop caches it like an entry
     needs_cache_key = False  # cached only when the build is given a cache_key (which names the estimator)
+    same_network_same_delta = False  # Δ depends on the network alone: identical networks share one evaluation
     reference: float | None = None
+    repeated = 0  # entries whose network was one already evaluated (counted by the run loop)
     description: str = ""
     data_fingerprint: str | None = None
 

@@ -181,6 +181,7 @@ class RecordedEstimator(Estimator):
     """Distortion and loss: each batch's original run is recorded once and replayed per entry."""
 
     shares_parameters = True
+    same_network_same_delta = True
     stacks_batches = False
 
     def __init__(self, captured: Captured, span_graph: SpanGraph, options: Mapping, data: Data) -> None:
@@ -227,7 +228,6 @@ class RecordedEstimator(Estimator):
     def outputs(self, gm: torch.fx.GraphModule) -> Iterator[tuple[Any, Any, Batch]]:
         """``(reference output, entry output, batch)`` for every batch."""
         assert self.records is not None, "prepare() first"
-        gm.eval()
         reusable = reusable_nodes(gm, self.base) if self.options["reuse"] else frozenset()
         self.reused += len(reusable)
         self.nodes += sum(n.op not in _NOT_COMPUTED for n in gm.graph.nodes)

