@@ -23,7 +23,7 @@ from torch import nn
 from fxmerge import distributed
 from fxmerge.capture import Captured, capture
 from fxmerge.ir import SpanGraph
-from fxmerge.loop import LoopOutcome, Measured, Target, meet_target
+from fxmerge.loop import LoopOutcome, Measured, Target, clearly_missed, meet_target
 from fxmerge.passes import linearize as linearize_pass
 from fxmerge.passes.match import match
 from fxmerge.passes.merge import merge
@@ -299,7 +299,7 @@ def _choose_plan(
 
     def measure(plan: Plan) -> Measured:
         merged = merge(linearize_pass.linearize(captured, span_graph, plan, share_parameters=True))
-        result = comparator.compare(merged)
+        result = comparator.compare(merged, stop_when=clearly_missed(target, loop.tolerance))
         measured = Measured(result.reference_ms, result.candidate_ms, result.ratio, result.rel_error)
         fitted.append((plan.entries, result.ratio))
         originals.append(result.reference_ms)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fxmerge.plan import Plan
 from fxmerge.report import Round
@@ -158,6 +159,20 @@ def meet_target(
 def _settled(target: Target, measured: Measured, tolerance: float) -> bool:
     """Within tolerance even at the far end of the measurement's uncertainty."""
     return abs(target.error(measured)) + measured.rel_error <= tolerance
+
+
+def clearly_missed(target: Target, tolerance: float) -> Callable[[Any], bool]:
+    """A test for a timing in progress (anything with ``reference_ms``, ``candidate_ms``,
+    ``ratio`` and ``rel_error``, such as a :class:`~fxmerge.latency.compare.Comparison`):
+    whether the plan misses ``target`` by more than ``tolerance`` even at the near end of
+    the timing's uncertainty. More rounds would not make it meet the target, so the
+    measurement can stop there (the loop solves again either way)."""
+
+    def missed(timing: Any) -> bool:
+        measured = Measured(timing.reference_ms, timing.candidate_ms, timing.ratio)
+        return abs(target.error(measured)) - timing.rel_error > tolerance
+
+    return missed
 
 
 def _predicted(plan: Plan) -> float:

@@ -8,7 +8,9 @@ round gives one ratio ``median(B) / median(A)`` measured under the same
 conditions. The result is the median of those ratios, with the relative half-width
 of its distribution-free 95% confidence interval (``rel_error``); rounds are added,
 up to ``max_rounds``, until that error is within ``rel_error`` or the rounds run out,
-and a comparison that stays wider says so (``stable``).
+and a comparison that stays wider says so (``stable``). A caller that only needs a
+verdict passes ``stop_when(comparison so far)``: once it holds (after ``min_rounds``),
+more rounds could not change what the caller decides, and timing stops there.
 
 Blocks, rather than single runs in alternation, because a runtime that has just
 run one model keeps its worker threads busy for a moment (ONNX Runtime's spinning
@@ -22,6 +24,7 @@ by alternating whole measurements instead.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -77,11 +80,12 @@ class Comparator:
         finally:
             module.train(was_training)
 
-    def compare(self, candidate: nn.Module) -> Comparison:
-        """Time ``candidate`` against the reference until the ratio is known to ``rel_error``."""
+    def compare(self, candidate: nn.Module, stop_when: Callable[[Comparison], bool] | None = None) -> Comparison:
+        """Time ``candidate`` against the reference until the ratio is known to ``rel_error``,
+        or until ``stop_when`` holds for the rounds so far."""
         candidate_runner = self._runner(candidate)
         if candidate_runner is None or self._reference_runner is None:
-            return self._compare_by_measure(candidate)
+            return self._compare_by_measure(candidate, stop_when)
         runs = self._block_size(candidate_runner)
         ratios, reference_ms, candidate_ms = [], [], []
         for k in range(self.max_rounds):
@@ -92,9 +96,16 @@ class Comparator:
             reference_ms.append(blocks[id(self._reference_runner)])
             candidate_ms.append(blocks[id(candidate_runner)])
             ratios.append(candidate_ms[-1] / reference_ms[-1])
-            if k + 1 >= self.min_rounds and median_rel_error(ratios) <= self.rel_error:
+            if self._enough(reference_ms, candidate_ms, ratios, stop_when):
                 break
         return _summary(reference_ms, candidate_ms, ratios)
+
+    def _enough(self, reference_ms, candidate_ms, ratios, stop_when) -> bool:
+        if len(ratios) < self.min_rounds:
+            return False
+        if median_rel_error(ratios) <= self.rel_error:
+            return True
+        return stop_when is not None and stop_when(_summary(reference_ms, candidate_ms, ratios))
 
     def _block_size(self, candidate_runner) -> int:
         """Runs per block: about ``block_ms`` of the slower model, between 3 and 50."""
@@ -104,7 +115,7 @@ class Comparator:
         )
         return int(min(50, max(3, self.block_ms / max(probe, 1e-6))))
 
-    def _compare_by_measure(self, candidate: nn.Module) -> Comparison:
+    def _compare_by_measure(self, candidate: nn.Module, stop_when) -> Comparison:
         ratios, reference_ms, candidate_ms = [], [], []
         for k in range(self.max_rounds):
             first, second = (self.reference, candidate) if k % 2 == 0 else (candidate, self.reference)
@@ -112,7 +123,7 @@ class Comparator:
             reference_ms.append(timed[id(self.reference)])
             candidate_ms.append(timed[id(candidate)])
             ratios.append(candidate_ms[-1] / reference_ms[-1])
-            if k + 1 >= self.min_rounds and median_rel_error(ratios) <= self.rel_error:
+            if self._enough(reference_ms, candidate_ms, ratios, stop_when):
                 break
         return _summary(reference_ms, candidate_ms, ratios)
 
