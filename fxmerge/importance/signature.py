@@ -55,10 +55,11 @@ def network_signature(gm: torch.fx.GraphModule, base: torch.fx.GraphModule) -> t
             if alias is not None:
                 canonical[node] = canonical[alias]
                 continue
-            step = _conv_step(gm, node, canonical, owned) or _step(gm, node, canonical, owned)
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            step = _conv_step(node, module, canonical, owned) or _step(node, module, canonical, owned)
             steps.append(step)
             canonical[node] = ("node", len(steps) - 1)
-            if _writes_in_place(gm, node):
+            if _writes_in_place(node, module):
                 mutated.append(canonical[node.args[0]] if node.args and node.args[0] in canonical else None)
     except _NoSignature:
         return None
@@ -68,20 +69,20 @@ def network_signature(gm: torch.fx.GraphModule, base: torch.fx.GraphModule) -> t
     return tuple(steps)
 
 
-def _step(gm: torch.fx.GraphModule, node: torch.fx.Node, canonical: dict, owned: set[int]) -> tuple:
+def _step(node: torch.fx.Node, module: nn.Module | None, canonical: dict, owned: set[int]) -> tuple:
     args = node.args[:2] if _is_pad_or_crop(node) else node.args  # drop the span name
-    return (node.op, _target(gm, node, owned), _value(args, canonical), _value(node.kwargs, canonical))
+    target = _owned(module, owned) if module is not None else node.target
+    return (node.op, target, _value(args, canonical), _value(node.kwargs, canonical))
 
 
 _CONV_FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, nn.functional.conv1d: 1, nn.functional.conv2d: 2}
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2}
 
 
-def _conv_step(gm: torch.fx.GraphModule, node: torch.fx.Node, canonical: dict, owned: set[int]) -> tuple | None:
+def _conv_step(node: torch.fx.Node, module: nn.Module | None, canonical: dict, owned: set[int]) -> tuple | None:
     """A convolution written the same whether a module or a function computes it (``nn.Conv2d``
     calls ``torch.conv2d`` with its own arguments), or ``None`` for any other node."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+    if module is not None:
         dims = _CONV_MODULES.get(type(module))
         if dims is None or module.padding_mode != "zeros" or isinstance(module.padding, str) or node.kwargs:
             return None
@@ -113,12 +114,6 @@ def _identity_input(node: torch.fx.Node) -> torch.fx.Node | None:
         if undone and [-p for p in padded.args[1]] == list(crop):
             return padded.args[0]
     return None
-
-
-def _target(gm: torch.fx.GraphModule, node: torch.fx.Node, owned: set[int]) -> Hashable:
-    if node.op == "call_module":
-        return _owned(gm.get_submodule(node.target), owned)
-    return node.target if node.op == "call_function" else str(node.target)
 
 
 def _is_pad_or_crop(node: torch.fx.Node) -> bool:
@@ -156,9 +151,9 @@ def _references(value: Any) -> list[Hashable]:
     return []
 
 
-def _writes_in_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+def _writes_in_place(node: torch.fx.Node, module: nn.Module | None) -> bool:
+    if module is not None:
+        return bool(getattr(module, "inplace", False))
     if node.op not in ("call_function", "call_method"):
         return False
     if is_in_place(node) or node.kwargs.get("inplace") is True:
