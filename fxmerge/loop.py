@@ -12,7 +12,11 @@ backend, and the measured ratio is compared with the one asked for:
   uncertainty (``|error| + rel_error ≤ tolerance``, so that another timing of the same
   two models lands within tolerance too): done;
 * otherwise the budget is corrected from what was measured — linearly between the
-  two nearest measured plans that bracket the target, else by the ratio of asked to
+  two nearest measured plans that bracket the target; else, when two plans on the same
+  side differ by more than their timings' uncertainty, by extrapolating the line
+  through them (a secant step: a merged model's latency has a fixed part the table does
+  not see, so the measured error shrinks more slowly than the predicted budget, and
+  scaling by the ratio alone creeps towards the target); else by the ratio of asked to
   measured — and the solver runs again, for at most ``max_rounds`` plans measured.
   The solver maximises importance within a budget, so a corrected budget can give a
   plan already measured; the budget is then pushed on in the same direction (2%,
@@ -181,18 +185,43 @@ def _predicted(plan: Plan) -> float:
 
 def _next_budget(history, target: Target, budget_range: tuple[float, float], predicted=_predicted) -> float | None:
     """The predicted latency that should measure as asked, from the plans measured so far."""
-    points = sorted({(predicted(plan), target.error(m)) for _, plan, m in history})
-    below = [p for p in points if p[1] < 0]  # faster than asked
-    above = [p for p in points if p[1] > 0]  # slower than asked
+    points = sorted({(predicted(plan), target.error(m), m.rel_error) for _, plan, m in history})
+    below = [p[:2] for p in points if p[1] < 0]  # faster than asked
+    above = [p[:2] for p in points if p[1] > 0]  # slower than asked
     if below and above:
         (p_fast, e_fast), (p_slow, e_slow) = max(below), min(above)
         wanted = p_fast + (0 - e_fast) * (p_slow - p_fast) / (e_slow - e_fast)
     else:
-        budget, plan, measured = history[-1]
-        wanted = predicted(plan) / (1.0 + target.error(measured))
+        _, plan, measured = history[-1]
+        by_ratio = predicted(plan) / (1.0 + target.error(measured))
+        wanted = _secant(points) or by_ratio
     wanted = _clamp(wanted, budget_range)
     tried = {round(b, 9) for b, _, _ in history}
     return None if round(wanted, 9) in tried else wanted
+
+
+SECANT_REACH = 4.0
+"""A secant step goes at most this many times as far as the ratio correction would."""
+
+
+def _secant(points: list[tuple[float, float, float]]) -> float | None:
+    """The budget where the line through the two plans closest to the target (all on one
+    side of it) reaches it, when their errors differ by more than their uncertainty and
+    the line rises (slower plans measure slower); ``None`` otherwise. The step goes the
+    way the ratio correction of the closest plan goes, at most :data:`SECANT_REACH` times as far."""
+    closest = sorted(points, key=lambda point: abs(point[1]))
+    if len(closest) < 2:
+        return None
+    (p_near, e_near, u_near), (p_far, e_far, u_far) = closest[:2]
+    if p_near == p_far or abs(e_near - e_far) <= u_near + u_far:
+        return None
+    slope = (e_near - e_far) / (p_near - p_far)
+    if slope <= 0:
+        return None
+    step, ratio_step = -e_near / slope, p_near / (1.0 + e_near) - p_near
+    if step * ratio_step <= 0:
+        return None
+    return p_near + max(-SECANT_REACH * abs(ratio_step), min(SECANT_REACH * abs(ratio_step), step))
 
 
 def _window_plan(

@@ -65,6 +65,29 @@ def test_table_too_optimistic_loop_brackets_and_interpolates():
     assert outcome.kept.ratio == pytest.approx(0.6)
 
 
+def test_a_fixed_part_the_table_does_not_see_is_met_by_a_secant_step():
+    # merged latency = 41 ms the table does not see + 0.6 x its prediction: scaling the budget by
+    # the measured ratio creeps (50 -> 35 -> 28 -> 24 ms, still 11% slow); the secant lands on it
+    outcome, calls = run(Target(ratio=0.5), lambda p: 41.0 + 0.6 * p)
+    assert calls == [50.0, 35.0, 15.0]  # asked; corrected by the ratio; the line through the two
+    assert outcome.met and outcome.kept.ratio == pytest.approx(0.5)
+
+
+def test_a_secant_through_timings_that_differ_by_less_than_their_uncertainty_is_not_trusted():
+    def measure(plan: Plan) -> Measured:
+        true = 41.0 + 0.6 * dict(plan.info)["predicted_ms"]
+        return Measured(original_ms=100.0, merged_ms=true, ratio=true / 100.0, rel_error=0.1)
+
+    outcome = meet_target(plan_at, measure, Target(ratio=0.5), first_budget_ms=50.0, budget_range=(10.0, 150.0))
+    assert [r.predicted_ms for r in outcome.rounds][:3] == [50.0, 35.0, 28.0]  # errors 42% and 24%, each ±10%
+
+
+def test_a_secant_step_goes_at_most_a_few_ratio_steps():
+    # nearly flat: 55 ms + 0.05 x the prediction; the line through two plans points far below the range
+    _, calls = run(Target(ratio=0.5), lambda p: 55.0 + 0.05 * p, max_rounds=3)
+    assert calls == [50.0, 43.0, 21.0]  # 43 ms measures +14.3%: the ratio step is 5.4 ms, four of them 21.5 ms
+
+
 def test_target_in_milliseconds_is_checked_against_measured_milliseconds():
     outcome, _ = run(Target(ms=36.0), lambda p: 0.6 * p)
     assert outcome.met and outcome.kept.measured_ms == pytest.approx(36.0)
