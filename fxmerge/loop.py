@@ -30,9 +30,11 @@ backend, and the measured ratio is compared with the one asked for:
   plans already measured.
 
 Of the plans measured, the one kept is the most important plan that meets the target
-with that margin; else the most important within tolerance; when none is, the one
-closest to the target (the faster of two equally close): a plan far faster than asked
-throws away accuracy the user did not trade, one a little slower says so. Every round
+with that margin; else, of those within tolerance, the one whose miss plus uncertainty
+is smallest (not the most important: that is the slowest plan inside the tolerance,
+which another timing puts outside it about half the time); when none is within
+tolerance, the one closest to the target (the faster of two equally close): a plan far
+faster than asked throws away accuracy the user did not trade, one a little slower says so. Every round
 is reported. A target in
 milliseconds is checked against the merged model's measured milliseconds the same way.
 
@@ -268,9 +270,15 @@ def _keep_best(history, target: Target, tolerance: float, why: str, max_rounds: 
         error = target.error(item[2])
         return round(abs(error), 4), error  # 0.01% apart counts as equally close: then the faster
 
+    def surety(item) -> float:  # how far inside the tolerance even a less lucky timing would land
+        return abs(target.error(item[2])) + item[2].rel_error
+
     settled = [item for item in history if _settled(target, item[2], tolerance)]
     met = [item for item in history if abs(target.error(item[2])) <= tolerance]
-    chosen = max(settled or met, key=objective) if settled or met else min(history, key=closeness)
+    if settled:
+        chosen = max(settled, key=objective)
+    else:
+        chosen = min(met, key=surety) if met else min(history, key=closeness)
     error = target.error(chosen[2])
     if met:
         why = f"met: measured {error:+.1%} from {target.describe()} (tolerance ±{tolerance:.0%})"
