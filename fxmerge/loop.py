@@ -31,8 +31,8 @@ backend, and the measured ratio is compared with the one asked for:
 
 Of the plans measured, the one kept is the most important plan that meets the target
 with that margin; else, of those within tolerance, the one whose miss plus uncertainty
-is smallest (not the most important: that is the slowest plan inside the tolerance,
-which another timing puts outside it about half the time); when none is within
+is smallest (not the most important: that is usually the slowest inside the tolerance,
+which another timing easily puts outside it); when none is within
 tolerance, the one closest to the target (the faster of two equally close): a plan far
 faster than asked throws away accuracy the user did not trade, one a little slower says so. Every round
 is reported. A target in
