@@ -284,6 +284,19 @@ def _keep_best(history, target: Target, tolerance: float, why: str, max_rounds: 
         why = f"met: measured {error:+.1%} from {target.describe()} (tolerance ±{tolerance:.0%})"
     else:
         why = why or f"not met within {max_rounds} solve(s)"
-        why = f"not met: the kept plan measures {error:+.1%} from {target.describe()}; {why}"
+        why = (
+            f"not met: the kept plan measures {error:+.1%} from {target.describe()}; {why}; {_nearest(history, target)}"
+        )
     kept = rounds[next(k for k, item in enumerate(history) if item is chosen)]
     return LoopOutcome(plan=chosen[1], rounds=rounds, kept=kept, met=bool(met), error=error, why=why)
+
+
+def _nearest(history, target: Target) -> str:
+    """The measured plans nearest the target on each side, for a report that says why it was missed."""
+    errors = [target.error(m) for _, _, m in history]
+    slower = min((e for e in errors if e > 0), default=None)
+    faster = max((e for e in errors if e < 0), default=None)
+    if slower is not None and faster is not None:
+        return f"the nearest plans measured {slower:+.1%} and {faster:+.1%}"
+    side = "slower" if faster is None else "faster"
+    return f"every plan measured {side} than asked (nearest {slower if faster is None else faster:+.1%})"

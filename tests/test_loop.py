@@ -100,6 +100,7 @@ def test_unreachable_target_is_reported_with_the_fastest_plan():
     assert 10.0 in calls
     assert outcome.error == pytest.approx(0.3 / 0.2 - 1)
     assert outcome.why.startswith("not met: the kept plan measures +50.0% from 20% of the original")
+    assert outcome.why.endswith("every plan measured slower than asked (nearest +50.0%)")
 
 
 def test_steps_coarser_than_the_tolerance_keep_the_best_fast_enough_plan():
@@ -234,3 +235,4 @@ def test_with_no_plan_within_tolerance_the_closest_is_kept_not_a_far_faster_one(
     closest = min((r.ratio for r in outcome.rounds), key=lambda ratio: abs(ratio / 0.5 - 1))
     assert outcome.kept.ratio == closest and 0.53 <= closest <= 0.56  # a few % slow, rather than 40% fast
     assert outcome.why.startswith("not met: the kept plan measures +")
+    assert outcome.why.endswith(f"the nearest plans measured {closest / 0.5 - 1:+.1%} and -40.0%")
